@@ -1,0 +1,31 @@
+"""`python -m job video_dir=... output_dir=...`: compose the config, validate it, run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from job.config import register_configs, validate
+
+log = logging.getLogger("job")
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from job.run import run
+
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
+    validate(plain)
+    try:
+        run(plain)
+    except Exception:
+        log.exception("job failed; output_dir=%s", plain["output_dir"])
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Typed schemas for the Hydra config; each dataclass mirrors a group under `configs/`.
+
+Registering them in Hydra's ConfigStore makes a misspelt key or a wrong type fail when the config
+is composed, before Ray starts or a model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Decoder(str, Enum):
+    decord = "decord"
+    pyav = "pyav"
+
+
+@dataclass
+class ModelConfig:
+    # Any torchvision detection builder name; the four in configs/model/ are the supported presets.
+    name: str = "ssdlite320_mobilenet_v3_large"
+    # DEFAULT (torchvision's pretrained weights, downloaded once), a weights enum member name
+    # such as COCO_V1, or a path to a local state_dict (.pth).
+    weights: str = "DEFAULT"
+    precision: Precision = Precision.fp32
+
+
+@dataclass
+class RayConfig:
+    # null: RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray.
+    # "auto": join the cluster this machine belongs to.
+    address: Optional[str] = None
+    # null: one actor per GPU share when the cluster has GPUs, else one per cpus_per_actor CPUs.
+    num_actors: Optional[int] = None
+    cpus_per_actor: float = 2.0
+    gpus_per_actor: float = 1.0
+    # CPUs for an embedded local Ray (null: all of this machine's).
+    num_cpus: Optional[int] = None
+    # How many actor deaths one video may cause before it is recorded as failed.
+    max_video_attempts: int = 3
+
+
+@dataclass
+class OutputConfig:
+    # Frames decoded per committed Parquet part; a crash loses at most this much work.
+    commit_every_frames: int = 512
+    compression: str = "zstd"
+
+
+@dataclass
+class JobConfig:
+    video_dir: str = MISSING
+    output_dir: str = MISSING
+    device: Device = Device.auto
+    batch_size: int = 8
+    score_threshold: float = 0.5
+    frame_stride: int = 1
+    decoder: Decoder = Decoder.decord
+    # Decoded batches buffered ahead of the model; bounds memory per actor.
+    prefetch_batches: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=JobConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="ray", name="base_ray", node=RayConfig)
+    cs.store(group="output", name="base_output", node=OutputConfig)
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Checks that types alone cannot express; raises ValueError naming the key to fix."""
+    problems = []
+    if cfg["batch_size"] < 1:
+        problems.append(f"batch_size must be >= 1, got {cfg['batch_size']}")
+    if cfg["frame_stride"] < 1:
+        problems.append(f"frame_stride must be >= 1, got {cfg['frame_stride']}")
+    if not 0.0 <= cfg["score_threshold"] <= 1.0:
+        problems.append(f"score_threshold must be within [0, 1], got {cfg['score_threshold']}")
+    if cfg["prefetch_batches"] < 1:
+        problems.append(f"prefetch_batches must be >= 1, got {cfg['prefetch_batches']}")
+    if cfg["output"]["commit_every_frames"] < 1:
+        problems.append("output.commit_every_frames must be >= 1")
+    ray_cfg = cfg["ray"]
+    if ray_cfg["num_actors"] is not None and ray_cfg["num_actors"] < 1:
+        problems.append(f"ray.num_actors must be >= 1 or null, got {ray_cfg['num_actors']}")
+    if ray_cfg["cpus_per_actor"] <= 0:
+        problems.append("ray.cpus_per_actor must be > 0")
+    if not 0 < ray_cfg["gpus_per_actor"]:
+        problems.append("ray.gpus_per_actor must be > 0 (fractions such as 0.5 share a GPU)")
+    if ray_cfg["max_video_attempts"] < 1:
+        problems.append("ray.max_video_attempts must be >= 1")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))

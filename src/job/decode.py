@@ -1,0 +1,241 @@
+"""One video -> a stream of fixed-size frame batches, with each frame's index and timestamp.
+
+decord does the decoding. PyAV supplies what decord gets wrong or does not report: the
+stream's real presentation timestamps (decord's are wrong in some containers), the rotation
+from the display matrix, the codec name and the container's own frame count. decord 0.6.0
+returns corrupt 4-channel buffers for streams with a rotation, so those are decoded with PyAV
+(and `decoder=pyav` forces PyAV for every video).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+
+
+class VideoError(Exception):
+    """A video we cannot read at all; the message is meant for a person."""
+
+
+@dataclass
+class VideoInfo:
+    width: int  # as displayed, i.e. after rotation
+    height: int
+    fps: float | None
+    duration_s: float | None
+    codec: str
+    rotation: int  # degrees counterclockwise that turn the coded frame into the displayed one
+    container_frames: int | None  # the container's frame count, when it records one
+    pts_s: np.ndarray | None  # presentation time of each frame in display order, first frame at 0
+
+
+@dataclass
+class FrameBatch:
+    frame_indices: np.ndarray  # int64, index among all decoded frames
+    timestamps_s: np.ndarray  # float64
+    frames: torch.Tensor  # uint8 (B, H, W, 3), RGB, displayed orientation
+
+
+def probe(path: str) -> VideoInfo:
+    """Reads metadata with PyAV; raises VideoError with a plain reason when there is no video."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise VideoError(f"cannot read file: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise VideoError("empty file (0 bytes)")
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise VideoError(f"not a readable video file: {_reason(exc)}") from exc
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoError(f"no video stream in the file (streams found: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
+        fps = _fps(stream)
+        duration_s = _duration_s(stream, container)
+        container_frames = stream.frames or None
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"no decodable video frame ({codec}): {_reason(exc)}") from exc
+        if first is None:
+            raise VideoError(f"the video stream ({codec}) has no decodable frames")
+        rotation = _quarter_turns(first.rotation) * 90
+        coded_w, coded_h = first.width, first.height
+    width, height = (coded_h, coded_w) if rotation % 180 else (coded_w, coded_h)
+    return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, _presentation_times(path))
+
+
+def iter_batches(
+    path: str,
+    info: VideoInfo,
+    batch_size: int,
+    frame_stride: int = 1,
+    start_frame: int = 0,
+    decoder: str = "decord",
+    progress: "DecodeProgress | None" = None,
+) -> Iterator[FrameBatch]:
+    """Yields batches of the frames to detect on (index % frame_stride == 0, index >= start_frame).
+
+    Only one batch is held at a time. `progress` (if given) ends up with the number of decodable
+    frames and, if decoding stopped early on damaged data, the reason.
+    """
+    progress = progress if progress is not None else DecodeProgress()
+    use_pyav = decoder == "pyav" or info.rotation != 0
+    frames = _pyav_frames(path, info.rotation, progress) if use_pyav else _decord_frames(path, progress)
+    batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8)
+    indices: list[int] = []
+    for index, frame in enumerate(frames):
+        if index < start_frame or index % frame_stride:
+            continue
+        if frame.shape != batch.shape[1:]:
+            progress.damage = (
+                f"frame {index} is {tuple(frame.shape[:2])} (height, width), the stream started at "
+                f"{info.height}x{info.width}; resolution changes are not supported"
+            )
+            break
+        batch[len(indices)].copy_(frame)
+        indices.append(index)
+        if len(indices) == batch_size:
+            yield _make_batch(batch, indices, info)
+            batch = torch.empty_like(batch)
+            indices = []
+    if indices:
+        yield _make_batch(batch[: len(indices)], indices, info)
+
+
+@dataclass
+class DecodeProgress:
+    frames_decoded: int = 0
+    damage: str | None = None  # why decoding stopped before the end of the stream
+
+
+def decoder_versions() -> dict[str, str]:
+    import decord
+
+    return {"decord": decord.__version__, "av": av.__version__}
+
+
+def timestamps_for(indices: np.ndarray, info: VideoInfo) -> np.ndarray:
+    """Seconds since the first frame; beyond the known PTS, extrapolated at the stream's rate."""
+    indices = np.asarray(indices, dtype=np.int64)
+    fps = info.fps or 0.0
+    pts = info.pts_s
+    if pts is None or len(pts) == 0:
+        return indices / fps if fps else np.full(len(indices), np.nan)
+    known = indices < len(pts)
+    out = np.empty(len(indices), dtype=np.float64)
+    out[known] = pts[indices[known]]
+    step = 1.0 / fps if fps else 0.0
+    out[~known] = pts[-1] + (indices[~known] - (len(pts) - 1)) * step
+    return out
+
+
+def _make_batch(batch: torch.Tensor, indices: list[int], info: VideoInfo) -> FrameBatch:
+    idx = np.asarray(indices, dtype=np.int64)
+    return FrameBatch(idx, timestamps_for(idx, info), batch)
+
+
+def _decord_frames(path: str, progress: DecodeProgress) -> Iterator[torch.Tensor]:
+    import decord
+    from torch.utils.dlpack import from_dlpack
+
+    decord.logging.set_level(decord.logging.QUIET)
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as exc:  # decord raises bare RuntimeError/DECORDError with C++ context
+        raise VideoError(f"decord cannot open the video: {_first_line(exc)}") from exc
+    # Sequential next() rather than get_batch(): it counts the frames really decodable instead of
+    # trusting the container's count, and stops cleanly at damage instead of failing the batch.
+    while True:
+        try:
+            frame = reader.next()
+        except StopIteration:
+            return
+        except decord.DECORDError as exc:
+            progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {_first_line(exc)}"
+            return
+        progress.frames_decoded += 1
+        yield from_dlpack(frame.to_dlpack())
+
+
+def _pyav_frames(path: str, rotation: int, progress: DecodeProgress) -> Iterator[torch.Tensor]:
+    turns = _quarter_turns(rotation)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except av.error.FFmpegError as exc:
+                progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {_reason(exc)}"
+                return
+            progress.frames_decoded += 1
+            rgb = frame.to_ndarray(format="rgb24")
+            yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
+
+
+def _presentation_times(path: str) -> np.ndarray | None:
+    """The video packets' PTS in display order, relative to the first; demuxing only, no decoding."""
+    stamps: list[int] = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        time_base = stream.time_base or Fraction(1, 1)
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is None:
+                    return None
+                stamps.append(stamp)
+        except av.error.FFmpegError:
+            pass  # damaged tail: the decoder reports it; keep the stamps read so far
+    if not stamps:
+        return None
+    ordered = np.sort(np.asarray(stamps, dtype=np.int64))
+    return (ordered - ordered[0]).astype(np.float64) * float(time_base)
+
+
+def _fps(stream) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else None
+
+
+def _duration_s(stream, container) -> float | None:
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _quarter_turns(rotation: float | None) -> int:
+    return int(round((rotation or 0) / 90.0)) % 4
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+__all__ = [
+    "decoder_versions", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
+]

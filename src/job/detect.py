@@ -1,0 +1,178 @@
+"""Model zoo, weights loading and batched inference for torchvision detectors."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torchvision.models import get_model, get_model_weights
+
+log = logging.getLogger(__name__)
+
+# The presets in configs/model/; other torchvision detection builders work but are not tested.
+SUPPORTED_MODELS = (
+    "ssdlite320_mobilenet_v3_large",
+    "fasterrcnn_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn_v2",
+    "fcos_resnet50_fpn",
+)
+
+
+class WeightsError(RuntimeError):
+    """The configured weights cannot be loaded; the message says what to pass instead."""
+
+
+@dataclass
+class Detections:
+    """One frame's detections, on the CPU, in displayed-frame pixels clipped to the frame."""
+
+    boxes: torch.Tensor  # float32 (N, 4) x1 y1 x2 y2
+    scores: torch.Tensor  # float32 (N,)
+    labels: torch.Tensor  # int64 (N,)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` takes CUDA when this process can see a GPU (Ray sets CUDA_VISIBLE_DEVICES per actor)."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but this worker sees no CUDA device; use device=auto or device=cpu")
+    return torch.device(requested)
+
+
+def weights_identity(name: str, weights: str) -> str:
+    """What identifies the weights for the resume check: the enum member, or the file's sha256."""
+    if _is_path(weights):
+        digest = hashlib.sha256()
+        with open(weights, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    return f"torchvision:{_weights_enum(name, weights)}"
+
+
+def load_model(name: str, weights: str) -> tuple[torch.nn.Module, list[str]]:
+    """Builds `name` with `weights` in eval mode and returns it with its class names."""
+    enum = _weights_enum(name, "DEFAULT")
+    categories = list(enum.meta["categories"])
+    if _is_path(weights):
+        if not os.path.isfile(weights):
+            raise WeightsError(f"model.weights={weights}: no such file")
+        model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # torchvision reference-script checkpoints wrap the state_dict
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"model.weights={weights} does not fit model={name}: {str(exc).splitlines()[0]}"
+            ) from exc
+    else:
+        enum = _weights_enum(name, weights)
+        categories = list(enum.meta["categories"])
+        try:
+            model = get_model(name, weights=enum)
+        except Exception as exc:  # URLError, HTTPError, hash mismatch, ...
+            raise WeightsError(
+                f"could not load torchvision's {enum} weights for model={name} ({type(exc).__name__}: "
+                f"{exc}); they are downloaded from the internet once into the torch hub cache. "
+                f"On a machine without internet pass model.weights=/path/to/state_dict.pth"
+            ) from exc
+    return model.eval(), categories
+
+
+def set_score_threshold(model: torch.nn.Module, threshold: float) -> None:
+    """Push the score threshold into the model's postprocessing.
+
+    Exact: every box the model would keep above `threshold` it still keeps (per-class top-k and
+    NMS rank by score, so boxes below the threshold never displace or suppress ones above it),
+    while the decoding and NMS of thousands of low-score candidates is skipped.
+    """
+    if hasattr(model, "roi_heads"):  # Faster R-CNN family
+        model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, threshold)
+    elif hasattr(model, "score_thresh"):  # SSD, RetinaNet, FCOS
+        model.score_thresh = max(model.score_thresh, threshold)
+
+
+class Detector:
+    """A model loaded once, run on uint8 frame batches; results filtered to score >= threshold."""
+
+    def __init__(
+        self,
+        name: str,
+        weights: str,
+        score_threshold: float,
+        device: str = "auto",
+        precision: str = "fp32",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.score_threshold = score_threshold
+        self.precision = precision
+        model, self.class_names = load_model(name, weights)
+        set_score_threshold(model, score_threshold)
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._autocast = _autocast(self.device, precision)
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> list[Detections]:
+        """frames: uint8 (B, H, W, 3) RGB on the CPU."""
+        height, width = frames.shape[1:3]
+        if self.device.type == "cuda":
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
+        # uint8 -> float on the device; the model's own transform normalises and resizes.
+        images = frames.permute(0, 3, 1, 2).float().div_(255.0)
+        with self._autocast:
+            outputs = self.model(list(images))
+        results = []
+        for out in outputs:
+            keep = out["scores"] >= self.score_threshold
+            boxes = out["boxes"][keep].float()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            results.append(Detections(boxes.cpu(), out["scores"][keep].float().cpu(), out["labels"][keep].cpu()))
+        return results
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("model.precision=fp16 needs CUDA; on CPU use model.precision=bf16 or fp32")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _weights_enum(name: str, weights: str):
+    try:
+        enum_cls = get_model_weights(name)
+    except (ValueError, KeyError) as exc:
+        raise WeightsError(
+            f"model={name} is not a torchvision model with weights; supported: {', '.join(SUPPORTED_MODELS)}"
+        ) from exc
+    if weights == "DEFAULT":
+        return enum_cls.DEFAULT
+    try:
+        return enum_cls[weights]
+    except KeyError:
+        members = ", ".join(m.name for m in enum_cls)
+        raise WeightsError(
+            f"model.weights={weights} is neither an existing file nor one of {name}'s torchvision "
+            f"weights (DEFAULT, {members}); pass model.weights=/path/to/state_dict.pth"
+        ) from None
+
+
+def _is_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pth", ".pt")) or os.path.exists(weights)
+
+
+__all__ = [
+    "Detections", "Detector", "SUPPORTED_MODELS", "WeightsError", "load_model", "resolve_device",
+    "set_score_threshold", "weights_identity",
+]

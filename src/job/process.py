@@ -1,0 +1,199 @@
+"""One video through decode -> detect -> write, with resume; knows nothing of Ray.
+
+Decoding runs in a background thread feeding a bounded queue so the model never waits on the
+decoder (and memory stays at `prefetch_batches` batches whatever the video's length).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import polars as pl
+
+from job import write
+from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
+from job.detect import Detector
+from job.discover import Video
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Called with (frames just detected, frames newly known to be expected) for the progress bar.
+ProgressCallback = Callable[[int, int], None]
+
+
+def process_video(
+    video: Video,
+    cfg: dict[str, Any],
+    detector: Detector,
+    on_progress: ProgressCallback | None = None,
+    attempts: int = 1,
+) -> dict[str, Any]:
+    """Runs one video to its final status row, committing detections as it goes.
+
+    Never raises for a bad video: the reason goes into the row's `error`.
+    """
+    on_progress = on_progress or (lambda done, expected: None)
+    output_dir = Path(cfg["output_dir"])
+    stride = cfg["frame_stride"]
+    started = time.monotonic()
+    row: dict[str, Any] = {
+        "video_id": video.video_id, "path": video.relative_path, "status": "failed", "error": None,
+        "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": attempts,
+    }
+    try:
+        info = probe(video.path)
+    except VideoError as exc:
+        row["error"] = str(exc)
+        return _finish(output_dir, row, started)
+    row.update(width=info.width, height=info.height, fps=info.fps, duration_s=info.duration_s,
+               codec=info.codec, rotation=info.rotation)
+
+    start = write.committed_end(output_dir, video.video_id)
+    expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
+    on_progress(0, max(0, math.ceil(expected / stride) - math.ceil(start / stride)))
+    committer = _PartCommitter(output_dir, video.video_id, start, cfg, detector.class_names)
+    progress = DecodeProgress()
+    failure = None
+    try:
+        batches = iter_batches(video.path, info, cfg["batch_size"], stride, start, cfg["decoder"], progress)
+        for batch in prefetch(batches, cfg["prefetch_batches"]):
+            committer.add(batch, detector(batch.frames))
+            on_progress(len(batch.frame_indices), 0)
+        committer.flush()
+    except VideoError as exc:
+        failure = str(exc)
+    except Exception as exc:  # a bug or a resource error: record it, keep what was committed
+        log.exception("video %s failed while processing", video.relative_path)
+        failure = f"{type(exc).__name__}: {exc}"
+
+    frame_count = progress.frames_decoded
+    row["frame_count"] = frame_count
+    row["frames_processed"] = committer.frames_processed
+    row["detections"] = _count_detections(output_dir, video.video_id)
+    damage = failure or progress.damage or _missing_frames(info, frame_count)
+    if damage is None:
+        row["status"] = "ok"
+    else:
+        row["status"] = "partial" if committer.end > 0 else "failed"
+        row["error"] = damage
+        if frame_count == 0 and failure is None:
+            row["error"] = f"no frame could be decoded ({info.codec}): {damage}"
+    return _finish(output_dir, row, started)
+
+
+def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate `iterable` in a background thread, at most `depth` items ahead of the consumer."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as exc:  # re-raised in the consumer
+            items.put(exc)
+
+    worker = threading.Thread(target=produce, name="decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.1)
+
+
+class _PartCommitter:
+    """Groups batches into parts of about `commit_every_frames` decoded frames and commits them."""
+
+    def __init__(self, output_dir: Path, video_id: str, start: int, cfg: dict[str, Any], class_names: list[str]):
+        self.output_dir, self.video_id, self.class_names = output_dir, video_id, class_names
+        self.every = cfg["output"]["commit_every_frames"]
+        self.compression = cfg["output"]["compression"]
+        self.end = start  # frames [0, end) are committed
+        self.frames_processed = math.ceil(start / cfg["frame_stride"])
+        self._pending: list[tuple[FrameBatch, list]] = []
+
+    def add(self, batch: FrameBatch, detections: list) -> None:
+        self._pending.append((batch, detections))
+        self.frames_processed += len(batch.frame_indices)
+        if int(batch.frame_indices[-1]) + 1 - self.end >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batches = [b for b, _ in self._pending]
+        dets = [d for _, ds in self._pending for d in ds]
+        rows = write.detections_frame(
+            np.concatenate([b.frame_indices for b in batches]),
+            np.concatenate([b.timestamps_s for b in batches]),
+            [d.boxes.numpy() for d in dets],
+            [d.scores.numpy() for d in dets],
+            [d.labels.numpy() for d in dets],
+            self.class_names,
+        )
+        end = int(batches[-1].frame_indices[-1]) + 1
+        write.commit_part(self.output_dir, self.video_id, self.end, end, rows, self.compression)
+        self.end = end
+        self._pending = []
+
+
+def _missing_frames(info: VideoInfo, frame_count: int) -> str | None:
+    """Why the decodable frames fall short of what the container promises, if they do."""
+    if info.container_frames and frame_count < info.container_frames:
+        return (
+            f"only {frame_count} of the {info.container_frames} frames the container lists could be decoded "
+            f"(truncated or damaged file); results cover frames 0-{frame_count - 1}"
+        )
+    if info.duration_s and info.fps and frame_count and info.pts_s is not None and len(info.pts_s):
+        last = info.pts_s[min(frame_count, len(info.pts_s)) - 1]
+        tolerance = max(0.25, 3.0 / info.fps)
+        if info.duration_s - last > tolerance + 1.0 / info.fps:
+            return (
+                f"decoding ended at {last:.2f} s of a {info.duration_s:.2f} s video (truncated or damaged "
+                f"file); results cover frames 0-{frame_count - 1}"
+            )
+    return None
+
+
+def _count_detections(output_dir: Path, video_id: str) -> int:
+    directory = write.partition_dir(output_dir, video_id)
+    if not directory.is_dir() or not any(directory.glob("part-*.parquet")):
+        return 0
+    return pl.scan_parquet(directory / "part-*.parquet").select(pl.len()).collect().item()
+
+
+def _finish(output_dir: Path, row: dict[str, Any], started: float) -> dict[str, Any]:
+    row["seconds"] = round(time.monotonic() - started, 3)
+    if row["error"]:
+        log.warning("%s: %s: %s", row["path"], row["status"], row["error"])
+    write.write_status(output_dir, row)
+    return row

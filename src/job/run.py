@@ -1,0 +1,266 @@
+"""Ray: the actor pool, sharding videos across it, retries after actor deaths, progress, summary.
+
+The only module that imports Ray. Each actor loads the model once and processes whole videos;
+the driver hands a video to whichever actor is free, so long and short videos balance out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from tqdm import tqdm
+
+from job import __version__, write
+from job.detect import weights_identity
+from job.discover import Video, discover_videos
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("ok", "partial")  # statuses a rerun keeps; failed videos are tried again
+
+
+@ray.remote
+class ProgressCounter:
+    """Frames detected and frames expected, summed over actors, polled by the driver's bar."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.expected = 0
+
+    def add(self, done: int, expected: int) -> None:
+        self.done += done
+        self.expected += expected
+
+    def read(self) -> tuple[int, int]:
+        return self.done, self.expected
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class VideoWorker:
+    """Holds one loaded model; processes one video per call."""
+
+    def __init__(self, cfg: dict[str, Any], progress: Any) -> None:
+        import torch
+
+        from job.detect import Detector
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        threads = max(1, int(cfg["ray"]["cpus_per_actor"]))
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.progress = progress
+        model = cfg["model"]
+        self.detector = Detector(model["name"], model["weights"], cfg["score_threshold"], cfg["device"],
+                                 model["precision"])
+
+    def device(self) -> str:
+        return str(self.detector.device)
+
+    def process(self, video: Video, attempts: int) -> dict[str, Any]:
+        from job.process import process_video
+
+        def report(done: int, expected: int) -> None:
+            self.progress.add.remote(done, expected)
+
+        return process_video(video, self.cfg, self.detector, report, attempts)
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    videos: int = 0
+    ok: int = 0
+    partial: int = 0
+    failed: int = 0
+    skipped: int = 0
+    frames: int = 0
+    detections: int = 0
+    seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def describe(self) -> str:
+        rate = self.frames / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed "
+            f"({self.skipped} already done); {self.frames} frames detected, {self.detections} detections, "
+            f"{self.seconds:.1f} s ({rate:.1f} frames/s); output in {self.output_dir}"
+        )
+
+
+def detection_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Everything the detections depend on; a rerun must match it to add to the same output."""
+    model = cfg["model"]
+    return {
+        "model": model["name"],
+        "weights": weights_identity(model["name"], model["weights"]),
+        "precision": model["precision"],
+        "score_threshold": float(cfg["score_threshold"]),
+        "frame_stride": int(cfg["frame_stride"]),
+    }
+
+
+def run(cfg: dict[str, Any]) -> RunSummary:
+    """Process every video under cfg['video_dir'] into cfg['output_dir']; returns the totals."""
+    started_at = datetime.now(timezone.utc)
+    started = time.monotonic()
+    output_dir = Path(cfg["output_dir"])
+    videos = discover_videos(cfg["video_dir"])
+    write.check_writable(output_dir)
+    write.ensure_settings(output_dir, detection_settings(cfg))
+    log.info("found %d videos under %s", len(videos), cfg["video_dir"])
+
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[Video] = []
+    for video in videos:
+        previous = write.read_status(output_dir, video.video_id)
+        if previous and previous["status"] in FINISHED:
+            rows[video.video_id] = previous
+        else:
+            todo.append(video)
+    summary = RunSummary(str(output_dir), videos=len(videos), skipped=len(rows))
+    if todo:
+        log.info("%d to process, %d already done", len(todo), len(rows))
+        started_ray = _init_ray(cfg["ray"])
+        try:
+            for row in _process_on_actors(todo, cfg):
+                rows[row["video_id"]] = row
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    ordered = [rows[v.video_id] for v in videos]
+    write.write_videos_table(output_dir, ordered)
+    for row in ordered:
+        setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+        summary.detections += row.get("detections") or 0
+    summary.frames = sum(rows[v.video_id]["frames_processed"] or 0 for v in todo)
+    summary.seconds = time.monotonic() - started
+    summary.rows = ordered
+    write.write_manifest(output_dir, _manifest(cfg, started_at, summary))
+    log.info("summary: %s", summary.describe())
+    return summary
+
+
+def _init_ray(ray_cfg: dict[str, Any]) -> bool:
+    """Connect to or start Ray; returns whether this call started it (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    address = ray_cfg["address"]
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(num_cpus=ray_cfg["num_cpus"], include_dashboard=False)
+    ray.init(address=address, **kwargs)
+    return True
+
+
+def _actor_plan(cfg: dict[str, Any]) -> tuple[int, float, float]:
+    """How many actors, and the CPUs and GPUs each asks Ray for."""
+    ray_cfg = cfg["ray"]
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0) if cfg["device"] != "cpu" else 0.0
+    cpus = resources.get("CPU", 1.0)
+    cpus_each = min(ray_cfg["cpus_per_actor"], cpus)
+    if cfg["device"] == "cuda" and not gpus:
+        raise RuntimeError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
+    gpus_each = ray_cfg["gpus_per_actor"] if gpus else 0.0
+    if ray_cfg["num_actors"] is not None:
+        count = ray_cfg["num_actors"]
+    elif gpus:
+        count = max(1, math.floor(gpus / gpus_each))
+    else:
+        count = max(1, math.floor(cpus / cpus_each))
+    return count, cpus_each, gpus_each
+
+
+def _process_on_actors(todo: list[Video], cfg: dict[str, Any]):
+    """Yields each video's final row as it completes; retries videos whose actor died."""
+    count, cpus_each, gpus_each = _actor_plan(cfg)
+    count = min(count, len(todo))
+    log.info("starting %d actors (%.2g CPU, %.2g GPU each)", count, cpus_each, gpus_each)
+    progress = ProgressCounter.options(num_cpus=0).remote()
+    actors = [
+        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each).remote(cfg, progress) for _ in range(count)
+    ]
+    queue = list(reversed(todo))
+    attempts: dict[str, int] = {}
+    running: dict[Any, tuple[Video, Any]] = {}
+    idle = list(actors)
+    bar = tqdm(total=0, unit="frame", desc="detecting", dynamic_ncols=True, mininterval=1.0)
+    try:
+        while queue or running:
+            while queue and idle:
+                video = queue.pop()
+                actor = idle.pop()
+                attempts[video.video_id] = attempts.get(video.video_id, 0) + 1
+                running[actor.process.remote(video, attempts[video.video_id])] = (video, actor)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                video, actor = running.pop(ref)
+                idle.append(actor)  # a dead actor is restarted by Ray (max_restarts=-1)
+                try:
+                    yield ray.get(ref)
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                    tries = attempts[video.video_id]
+                    if tries < cfg["ray"]["max_video_attempts"]:
+                        log.warning("actor died on %s (attempt %d), retrying: %s", video.relative_path, tries,
+                                    _first_line(exc))
+                        queue.append(video)
+                    else:
+                        yield _failed_by_worker(video, tries, exc, Path(cfg["output_dir"]))
+            done, expected = ray.get(progress.read.remote())
+            bar.total = max(expected, done)
+            bar.update(done - bar.n)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+        ray.kill(progress)
+
+
+def _failed_by_worker(video: Video, tries: int, exc: BaseException, output_dir: Path) -> dict[str, Any]:
+    row = {
+        "video_id": video.video_id, "path": video.relative_path, "status": "failed",
+        "error": f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
+                 f"the decoder); last: {_first_line(exc)}",
+        "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": tries, "seconds": None,
+    }
+    log.error("%s: failed: %s", video.relative_path, row["error"])
+    write.write_status(output_dir, row)
+    return row
+
+
+def _manifest(cfg: dict[str, Any], started_at: datetime, summary: RunSummary) -> dict[str, Any]:
+    import polars
+    import torch
+    import torchvision
+
+    from job.decode import decoder_versions
+
+    return {
+        "job_version": __version__,
+        "config": cfg,
+        "settings": detection_settings(cfg),
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "ray": ray.__version__, "polars": polars.__version__,
+            **decoder_versions(),
+        },
+        "totals": {k: v for k, v in summary.__dict__.items() if k != "rows"},
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__

@@ -1,0 +1,121 @@
+"""Tiny generated videos and offline detector weights, for the demo and the tests.
+
+Pretrained weights need internet; these weights come from a seeded model whose BatchNorm
+statistics are recalibrated on real frames, so its detections depend on the pixels (move a
+shape and the boxes move) without any download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+
+def scene(index: int, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """An RGB frame: a gradient background with two coloured boxes that move with `index`."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    frame = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                      np.full_like(x, 96)], axis=-1).astype(np.uint8)
+    for colour, speed in ((rng.integers(0, 255, 3), 3), (rng.integers(0, 255, 3), -2)):
+        bw, bh = max(width // 4, 2), max(height // 3, 2)
+        left = (index * speed * max(width // 64, 1)) % max(width - bw, 1)
+        top = (height - bh) // 2 + (speed * 5) % max(height // 4, 1)
+        frame[top : top + bh, left : left + bw] = colour
+    return frame
+
+
+def write_video(
+    path: str | Path,
+    frames: Sequence[np.ndarray] | int,
+    *,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    fps: int = 25,
+    size: tuple[int, int] = (160, 120),
+    pts_ms: Sequence[int] | None = None,
+    rotation: int | None = None,
+    audio: bool = False,
+    subtitles: bool = False,
+    options: dict[str, str] | None = None,
+) -> Path:
+    """Encode frames (or `frames` generated scenes of `size`=(width, height)) with PyAV.
+
+    `pts_ms` gives each frame's presentation time in milliseconds (variable frame rate);
+    `rotation` sets the display matrix (degrees counterclockwise), as phones do.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(frames, int):
+        frames = [scene(i, *size) for i in range(frames)]
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options or {})
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if pts_ms is not None:
+            stream.time_base = Fraction(1, 1000)
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        audio_stream = container.add_stream("aac", rate=44100) if audio else None
+        subtitle_stream = None
+        if subtitles:
+            subtitle_stream = container.add_stream("mov_text" if path.suffix in (".mp4", ".mov", ".m4v") else "subrip")
+            subtitle_stream.codec_context.subtitle_header = b"[Script Info]\nScriptType: v4.00+\n"
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = int(pts_ms[i]), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+        if subtitle_stream is not None:
+            cue = av.Packet(b"a subtitle cue")
+            cue.stream = subtitle_stream
+            cue.time_base = Fraction(1, 1000)
+            cue.pts = cue.dts = 0
+            cue.duration = 500
+            container.mux(cue)
+        if audio_stream is not None:
+            samples = np.zeros((1, 1024), dtype=np.float32)
+            for k in range(max(1, len(frames) * 44100 // (fps * 1024))):
+                chunk = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 44100, k * 1024
+                container.mux(audio_stream.encode(chunk))
+            container.mux(audio_stream.encode())
+    return path
+
+
+def calibrated_state_dict(model_name: str, frames: Sequence[np.ndarray], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded detector whose BatchNorm running statistics are measured on `frames`."""
+    from torchvision.models import get_model
+
+    torch.manual_seed(seed)
+    model = get_model(model_name, weights=None, weights_backbone=None, num_classes=91).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+        norm.train()
+    images = [torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255 for f in frames]
+    with torch.no_grad():
+        for start in range(0, len(images), 8):
+            model(images[start : start + 8])
+    return model.eval().state_dict()
+
+
+def make_demo(directory: str | Path, model_name: str = "ssdlite320_mobilenet_v3_large") -> tuple[Path, Path]:
+    """A few short videos (one awkward) and matching offline weights; returns (video_dir, weights)."""
+    directory = Path(directory)
+    videos = directory / "videos"
+    write_video(videos / "street.mp4", 48, size=(320, 240))
+    write_video(videos / "park walk.mkv", 36, size=(256, 144), fps=30)
+    write_video(videos / "phone" / "portrait.mp4", 24, size=(240, 160), rotation=90)
+    (videos / "broken.mp4").write_bytes(b"this is not a video")
+    weights = directory / f"{model_name}-calibrated.pth"
+    torch.save(calibrated_state_dict(model_name, [scene(i, 320, 240) for i in range(0, 48, 3)]), weights)
+    return videos, weights

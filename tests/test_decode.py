@@ -1,0 +1,120 @@
+"""decode: frame counts, timestamps, rotation and failures, checked against what the tests wrote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from job.decode import DecodeProgress, VideoError, iter_batches, probe, timestamps_for
+from job.samples import scene, write_video
+from media import VFR_PTS_MS, make_awkward_set
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("awkward")
+    return directory, make_awkward_set(directory)
+
+
+def decode_all(path, batch_size=4, stride=1, start=0, decoder="decord"):
+    info = probe(str(path))
+    progress = DecodeProgress()
+    batches = list(iter_batches(str(path), info, batch_size, stride, start, decoder, progress))
+    return info, progress, batches
+
+
+def test_every_readable_case_decodes_all_its_frames(awkward):
+    directory, cases = awkward
+    for rel, expect in cases.items():
+        if expect["status"] != "ok":
+            continue
+        info, progress, batches = decode_all(directory / rel)
+        assert progress.damage is None, rel
+        assert progress.frames_decoded == expect["frame_count"], rel
+        indices = np.concatenate([b.frame_indices for b in batches])
+        assert indices.tolist() == list(range(expect["frame_count"])), rel
+        for batch in batches:
+            assert batch.frames.shape[1:] == (info.height, info.width, 3), rel
+        for key in ("width", "height", "codec", "rotation"):
+            if key in expect:
+                assert getattr(info, key) == expect[key], (rel, key)
+
+
+def test_variable_frame_rate_timestamps_match_written_pts(awkward):
+    directory, _ = awkward
+    _, _, batches = decode_all(directory / "vfr.mkv")
+    stamps = np.concatenate([b.timestamps_s for b in batches])
+    np.testing.assert_allclose(stamps, np.asarray(VFR_PTS_MS) / 1000.0, atol=1e-6)
+
+
+def test_vfr_mp4_timestamps_match_written_pts(tmp_path):
+    path = write_video(tmp_path / "vfr.mp4", len(VFR_PTS_MS), size=(64, 48), pts_ms=VFR_PTS_MS)
+    _, _, batches = decode_all(path, batch_size=3, stride=2)
+    stamps = np.concatenate([b.timestamps_s for b in batches])
+    np.testing.assert_allclose(stamps, np.asarray(VFR_PTS_MS[::2]) / 1000.0, atol=1e-3)
+
+
+def test_rotation_is_applied_so_frames_are_as_displayed(tmp_path):
+    source = [scene(i, 160, 96, seed=3) for i in range(4)]
+    path = write_video(tmp_path / "portrait.mp4", source, rotation=90, pix_fmt="yuv444p")
+    info, _, batches = decode_all(path)
+    assert (info.width, info.height, info.rotation) == (96, 160, 90)
+    frame = batches[0].frames[0].numpy().astype(int)
+    displayed = np.rot90(source[0], 1).astype(int)  # display matrix 90 = a quarter turn counterclockwise
+    wrong_way = np.rot90(source[0], -1).astype(int)
+    assert np.abs(frame - displayed).mean() < 4
+    assert np.abs(frame - wrong_way).mean() > 20
+
+
+def test_frame_stride_and_start_frame(awkward):
+    directory, _ = awkward
+    _, progress, batches = decode_all(directory / "plain.mp4", batch_size=4, stride=7, start=8)
+    indices = np.concatenate([b.frame_indices for b in batches]).tolist()
+    assert indices == [14, 21, 28]
+    assert progress.frames_decoded == 30  # counting continues through skipped frames
+
+
+def test_decord_and_pyav_backends_agree(awkward):
+    directory, _ = awkward
+    _, _, by_decord = decode_all(directory / "plain.mp4", decoder="decord")
+    _, _, by_pyav = decode_all(directory / "plain.mp4", decoder="pyav")
+    a = np.concatenate([b.frames.numpy() for b in by_decord]).astype(int)
+    b = np.concatenate([b.frames.numpy() for b in by_pyav]).astype(int)
+    assert a.shape == b.shape
+    assert np.abs(a - b).mean() < 3
+
+
+def test_truncated_file_decodes_frames_before_the_damage(awkward):
+    directory, _ = awkward
+    info, progress, batches = decode_all(directory / "truncated.mkv")
+    assert 0 < progress.frames_decoded < 120
+    assert info.duration_s > 4.0  # the container still promises the whole video
+    assert sum(len(b.frame_indices) for b in batches) == progress.frames_decoded
+
+
+@pytest.mark.parametrize(
+    "rel, message",
+    [
+        ("zero.mp4", "empty file"),
+        ("notes.mov", "not a readable video"),
+        ("audio only.m4v", "no video stream"),
+        ("truncated.mp4", "not a readable video"),
+    ],
+)
+def test_unreadable_files_raise_a_plain_reason(awkward, rel, message):
+    directory, _ = awkward
+    with pytest.raises(VideoError, match=message):
+        probe(str(directory / rel))
+
+
+def test_batches_never_exceed_batch_size(awkward):
+    directory, _ = awkward
+    _, _, batches = decode_all(directory / "plain.mp4", batch_size=8)
+    assert [len(b.frame_indices) for b in batches] == [8, 8, 8, 6]
+
+
+def test_timestamps_extrapolate_past_known_pts():
+    from job.decode import VideoInfo
+
+    info = VideoInfo(10, 10, 10.0, 1.0, "h264", 0, None, np.array([0.0, 0.1, 0.25]))
+    np.testing.assert_allclose(timestamps_for(np.array([0, 2, 3, 5]), info), [0.0, 0.25, 0.35, 0.55])
