@@ -91,8 +91,10 @@ def set_score_threshold(model: torch.nn.Module, threshold: float) -> None:
 
     Exact: every box the model would keep above `threshold` it still keeps (per-class top-k and
     NMS rank by score, so boxes below the threshold never displace or suppress ones above it),
-    while the decoding and NMS of thousands of low-score candidates is skipped.
+    while the decoding and NMS of thousands of low-score candidates is skipped. The models keep
+    `score > thresh` and we keep `score >= threshold`, hence the margin below it.
     """
+    threshold = max(0.0, threshold - 1e-6)
     if hasattr(model, "roi_heads"):  # Faster R-CNN family
         model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, threshold)
     elif hasattr(model, "score_thresh"):  # SSD, RetinaNet, FCOS

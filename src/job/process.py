@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +50,9 @@ def process_video(
     row: dict[str, Any] = {
         "video_id": video.video_id, "path": video.relative_path, "status": "failed", "error": None,
         "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": attempts,
+        "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(detector.device),
+        # Whether a rerun should try again: not for facts about the file, yes for crashes and bugs.
+        "retryable": False,
     }
     try:
         info = probe(video.path)
@@ -74,6 +79,7 @@ def process_video(
     except Exception as exc:  # a bug or a resource error: record it, keep what was committed
         log.exception("video %s failed while processing", video.relative_path)
         failure = f"{type(exc).__name__}: {exc}"
+        row["retryable"] = True
 
     frame_count = progress.frames_decoded
     row["frame_count"] = frame_count
@@ -193,7 +199,5 @@ def _count_detections(output_dir: Path, video_id: str) -> int:
 
 def _finish(output_dir: Path, row: dict[str, Any], started: float) -> dict[str, Any]:
     row["seconds"] = round(time.monotonic() - started, 3)
-    if row["error"]:
-        log.warning("%s: %s: %s", row["path"], row["status"], row["error"])
     write.write_status(output_dir, row)
     return row

@@ -26,7 +26,6 @@ from job.discover import Video, discover_videos
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("ok", "partial")  # statuses a rerun keeps; failed videos are tried again
 
 
 @ray.remote
@@ -49,14 +48,13 @@ class ProgressCounter:
 class VideoWorker:
     """Holds one loaded model; processes one video per call."""
 
-    def __init__(self, cfg: dict[str, Any], progress: Any) -> None:
+    def __init__(self, cfg: dict[str, Any], progress: Any, threads: int) -> None:
         import torch
 
         from job.detect import Detector
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        threads = max(1, int(cfg["ray"]["cpus_per_actor"]))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
         self.cfg = cfg
         self.progress = progress
         model = cfg["model"]
@@ -123,7 +121,7 @@ def run(cfg: dict[str, Any]) -> RunSummary:
     todo: list[Video] = []
     for video in videos:
         previous = write.read_status(output_dir, video.video_id)
-        if previous and previous["status"] in FINISHED:
+        if previous and not previous.get("retryable", True):
             rows[video.video_id] = previous
         else:
             todo.append(video)
@@ -134,6 +132,8 @@ def run(cfg: dict[str, Any]) -> RunSummary:
         try:
             for row in _process_on_actors(todo, cfg):
                 rows[row["video_id"]] = row
+                if row["error"]:
+                    log.warning("%s: %s: %s", row["path"], row["status"], row["error"])
         finally:
             if started_ray:
                 ray.shutdown()
@@ -169,16 +169,22 @@ def _actor_plan(cfg: dict[str, Any]) -> tuple[int, float, float]:
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0) if cfg["device"] != "cpu" else 0.0
     cpus = resources.get("CPU", 1.0)
-    cpus_each = min(ray_cfg["cpus_per_actor"], cpus)
     if cfg["device"] == "cuda" and not gpus:
         raise RuntimeError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
-    gpus_each = ray_cfg["gpus_per_actor"] if gpus else 0.0
+    gpus_each = min(ray_cfg["gpus_per_actor"], gpus) if gpus else 0.0
+    cpus_each = min(ray_cfg["cpus_per_actor"], cpus)
     if ray_cfg["num_actors"] is not None:
         count = ray_cfg["num_actors"]
     elif gpus:
-        count = max(1, math.floor(gpus / gpus_each))
+        count = max(1, math.floor(gpus / gpus_each + 1e-9))
     else:
-        count = max(1, math.floor(cpus / cpus_each))
+        count = max(1, math.floor(cpus / cpus_each + 1e-9))
+    if count * cpus_each > cpus:  # never ask for actors the cluster cannot place: they would wait forever
+        cpus_each = cpus / count
+    if gpus_each and count * gpus_each > gpus + 1e-9:
+        raise RuntimeError(
+            f"ray.num_actors={count} x ray.gpus_per_actor={gpus_each} needs more than the cluster's {gpus:g} GPUs"
+        )
     return count, cpus_each, gpus_each
 
 
@@ -189,7 +195,8 @@ def _process_on_actors(todo: list[Video], cfg: dict[str, Any]):
     log.info("starting %d actors (%.2g CPU, %.2g GPU each)", count, cpus_each, gpus_each)
     progress = ProgressCounter.options(num_cpus=0).remote()
     actors = [
-        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each).remote(cfg, progress) for _ in range(count)
+        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each).remote(cfg, progress, max(1, int(cpus_each)))
+        for _ in range(count)
     ]
     queue = list(reversed(todo))
     attempts: dict[str, int] = {}
@@ -233,8 +240,8 @@ def _failed_by_worker(video: Video, tries: int, exc: BaseException, output_dir: 
         "error": f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
                  f"the decoder); last: {_first_line(exc)}",
         "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": tries, "seconds": None,
+        "retryable": True,
     }
-    log.error("%s: failed: %s", video.relative_path, row["error"])
     write.write_status(output_dir, row)
     return row
 

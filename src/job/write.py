@@ -58,6 +58,8 @@ VIDEO_SCHEMA = {
     "rotation": pl.Int64,
     "seconds": pl.Float64,
     "attempts": pl.Int64,
+    "worker": pl.String,  # host:pid of the Ray actor that finished it
+    "device": pl.String,
 }
 
 _PART = re.compile(r"^part-(\d{10})-(\d{10})\.parquet$")

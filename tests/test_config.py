@@ -1,0 +1,55 @@
+"""config: composition, typed validation at start-up."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import compose_config
+from job.config import validate
+
+REQUIRED = ["video_dir=/v", "output_dir=/o"]
+
+
+def test_defaults_compose_to_the_documented_values():
+    cfg = compose_config(REQUIRED)
+    assert cfg["model"]["name"] == "ssdlite320_mobilenet_v3_large"
+    assert cfg["model"]["weights"] == "DEFAULT"
+    assert cfg["device"] == "auto"
+    assert cfg["ray"]["address"] is None
+    assert (cfg["batch_size"], cfg["frame_stride"], cfg["score_threshold"]) == (8, 1, 0.5)
+    validate(cfg)
+
+
+@pytest.mark.parametrize("model", ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"])
+def test_model_group_selects_a_preset(model):
+    assert compose_config([*REQUIRED, f"model={model}"])["model"]["name"] == model
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("batch_sise=4", (ConfigCompositionException, ConfigKeyError)),
+        ("batch_size=four", (ConfigCompositionException, ValidationError)),
+        ("device=gpu", (ConfigCompositionException, ValidationError)),
+        ("model.precision=fp8", (ConfigCompositionException, ValidationError)),
+        ("ray.adress=auto", (ConfigCompositionException, ConfigKeyError)),
+    ],
+)
+def test_wrong_keys_and_types_fail_at_composition(override, error):
+    with pytest.raises(error):
+        compose_config([*REQUIRED, override])
+
+
+def test_missing_video_dir_is_an_error():
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue):
+        compose_config(["output_dir=/o"])
+
+
+@pytest.mark.parametrize("override", ["frame_stride=0", "batch_size=0", "score_threshold=1.5", "ray.num_actors=0"])
+def test_validate_rejects_impossible_values(override):
+    with pytest.raises(ValueError, match=override.split("=")[0]):
+        validate(compose_config([*REQUIRED, override]))

@@ -1,0 +1,143 @@
+"""detect: batched inference equals torchvision's single-image path; weights loading and its errors."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models import get_model
+from torchvision.ops import box_iou
+
+from conftest import MODEL, THRESHOLD
+from job.decode import DecodeProgress, iter_batches, probe
+from job.detect import Detector, WeightsError, load_model, resolve_device
+from job.samples import calibrated_state_dict, scene, write_video
+
+
+def reference_model(name: str, weights_path) -> torch.nn.Module:
+    """torchvision's own model, default postprocessing, loaded from the same state_dict."""
+    model = get_model(name, weights=None, weights_backbone=None, num_classes=91)
+    model.load_state_dict(torch.load(weights_path, weights_only=True))
+    return model.eval()
+
+
+def assert_same_detections(ours, theirs, threshold):
+    keep = theirs["scores"] >= threshold
+    boxes, scores, labels = theirs["boxes"][keep], theirs["scores"][keep], theirs["labels"][keep]
+    assert len(ours.scores) == len(scores)
+    if len(scores) == 0:
+        return
+    iou = box_iou(ours.boxes, boxes)
+    # Boxes clipped to zero width at the frame edge have no IoU, so also accept near-identical corners.
+    close = (ours.boxes[:, None, :] - boxes[None, :, :]).abs().amax(dim=-1) <= 0.05
+    for i in range(len(ours.scores)):
+        candidates = ((iou[i] >= 0.99) | close[i]) & (labels == ours.labels[i]) & ((scores - ours.scores[i]).abs() <= 1e-3)
+        assert candidates.any(), f"detection {i} has no match in torchvision's single-image output"
+
+
+@pytest.fixture(scope="module")
+def decoded_frames(tmp_path_factory):
+    path = write_video(tmp_path_factory.mktemp("v") / "clip.mp4", 12, size=(320, 240))
+    info = probe(str(path))
+    return torch.cat([b.frames for b in iter_batches(str(path), info, 6, 1, 0, "decord", DecodeProgress())])
+
+
+def test_batched_detections_equal_torchvision_single_image(weights_path, decoded_frames):
+    detector = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+    reference = reference_model(MODEL, weights_path)
+    ours = []
+    for start in range(0, len(decoded_frames), 6):
+        ours.extend(detector(decoded_frames[start : start + 6]))
+    total = 0
+    with torch.inference_mode():
+        for frame, mine in zip(decoded_frames, ours):
+            image = frame.permute(2, 0, 1).float() / 255.0
+            theirs = reference([image])[0]
+            assert_same_detections(mine, theirs, THRESHOLD)
+            total += len(mine.scores)
+    assert total >= len(decoded_frames), "the calibrated model should find something in most frames"
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2"])
+def test_other_presets_load_from_a_state_dict_and_match_single_image(tmp_path, name):
+    frames = [scene(i, 128, 96) for i in (0, 9)]
+    path = tmp_path / f"{name}.pth"
+    torch.save(calibrated_state_dict(name, frames), path)
+    reference = reference_model(name, path)
+    with torch.inference_mode():
+        probe_out = reference([torch.from_numpy(frames[0]).permute(2, 0, 1).float() / 255])[0]
+    # A threshold just under the best score, so the comparison covers real detections.
+    threshold = float(probe_out["scores"][min(4, len(probe_out["scores"]) - 1)]) if len(probe_out["scores"]) else 0.0
+    detector = Detector(name, str(path), threshold, device="cpu")
+    batch = torch.from_numpy(np.stack(frames))
+    ours = detector(batch)
+    with torch.inference_mode():
+        for frame, mine in zip(batch, ours):
+            assert_same_detections(mine, reference([frame.permute(2, 0, 1).float() / 255])[0], threshold)
+    assert detector.class_names[1] == "person"
+
+
+def test_detections_follow_the_pixels(weights_path):
+    detector = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+    a, b = scene(0, 320, 240), scene(10, 320, 240)
+    out = detector(torch.from_numpy(np.stack([a, a, b])))
+    assert torch.equal(out[0].boxes, out[1].boxes)
+    assert len(out[0].boxes) and len(out[2].boxes)
+    same_shape = out[0].boxes.shape == out[2].boxes.shape
+    assert not (same_shape and torch.allclose(out[0].boxes, out[2].boxes, atol=1.0))
+
+
+def test_boxes_are_clipped_to_the_frame(weights_path):
+    detector = Detector(MODEL, str(weights_path), 0.01, device="cpu")
+    out = detector(torch.from_numpy(np.stack([scene(5, 200, 90)])))[0]
+    assert len(out.boxes)
+    assert out.boxes[:, 0::2].min() >= 0 and out.boxes[:, 0::2].max() <= 200
+    assert out.boxes[:, 1::2].min() >= 0 and out.boxes[:, 1::2].max() <= 90
+
+
+def test_default_weights_without_internet_name_the_local_path_option(monkeypatch, tmp_path):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(WeightsError, match=r"model.weights=/path/to/state_dict.pth"):
+        load_model(MODEL, "DEFAULT")
+
+
+def test_weights_errors_are_plain(tmp_path, weights_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        load_model(MODEL, str(tmp_path / "missing.pth"))
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_model("fcos_resnet50_fpn", str(weights_path))
+    with pytest.raises(WeightsError, match="not a torchvision model"):
+        load_model("resnet_does_not_exist", "DEFAULT")
+    with pytest.raises(WeightsError, match="neither an existing file"):
+        load_model(MODEL, "COCO_V7")
+
+
+def test_local_weights_give_coco_class_names(weights_path):
+    _, names = load_model(MODEL, str(weights_path))
+    assert len(names) == 91 and names[1] == "person" and names[3] == "car"
+
+
+def test_device_auto_picks_cpu_without_cuda_and_cuda_is_refused():
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_matches_cpu(weights_path, decoded_frames):
+    cpu = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")(decoded_frames[:4])
+    gpu = Detector(MODEL, str(weights_path), THRESHOLD, device="cuda")(decoded_frames[:4])
+    for a, b in zip(cpu, gpu):
+        assert len(a.scores) == len(b.scores)
+        if len(a.scores):
+            assert box_iou(a.boxes, b.boxes).diagonal().min() >= 0.98

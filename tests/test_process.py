@@ -1,0 +1,110 @@
+"""process: one video end to end without Ray; statuses, stride, resume."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from job import write
+from job.detect import Detector
+from job.discover import discover_videos
+from job.process import prefetch, process_video
+from job.samples import write_video
+
+
+@pytest.fixture(scope="module")
+def detector(weights_path):
+    from conftest import MODEL, THRESHOLD
+
+    return Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+
+
+def only_video(directory):
+    (video,) = discover_videos(directory)
+    return video
+
+
+def predictions(out):
+    return write.scan_predictions(out).collect().sort("frame_index", "score", "class_id", "x1")
+
+
+@pytest.mark.parametrize("stride", [1, 3, 7])
+def test_stride_processes_every_nth_frame(tmp_path, make_cfg, detector, stride):
+    write_video(tmp_path / "in" / "v.mp4", 23, size=(320, 240))
+    cfg = make_cfg(tmp_path / "in", f"frame_stride={stride}")
+    row = process_video(only_video(tmp_path / "in"), cfg, detector)
+    assert row["status"] == "ok", row
+    assert row["frame_count"] == 23
+    assert row["frames_processed"] == math.ceil(23 / stride)
+    table = predictions(cfg["output_dir"])
+    assert table.height == row["detections"] > 0
+    assert set(table["frame_index"].unique()) <= set(range(0, 23, stride))
+    assert write.read_status(tmp_path / "out", row["video_id"]) == row
+
+
+def test_resume_from_committed_parts_equals_a_clean_run(tmp_path, make_cfg, detector):
+    write_video(tmp_path / "in" / "v.mp4", 40, size=(320, 240))
+    video = only_video(tmp_path / "in")
+    clean = make_cfg(tmp_path / "in", "output.commit_every_frames=8", output_dir=tmp_path / "clean")
+    process_video(video, clean, detector)
+
+    resumed = make_cfg(tmp_path / "in", "output.commit_every_frames=8", output_dir=tmp_path / "resumed")
+    # Simulate a run killed after its first two parts: keep only those.
+    process_video(video, resumed, detector)
+    parts = sorted(write.partition_dir(tmp_path / "resumed", video.video_id).glob("part-*.parquet"))
+    assert len(parts) == 5
+    for part in parts[2:]:
+        part.unlink()
+    assert write.committed_end(tmp_path / "resumed", video.video_id) == 16
+    calls = []
+    row = process_video(video, resumed, detector, on_progress=lambda done, expected: calls.append(done))
+    assert sum(calls) == 40 - 16  # only the uncommitted frames were detected again
+    assert row["status"] == "ok" and row["frames_processed"] == 40
+    assert predictions(tmp_path / "resumed").equals(predictions(tmp_path / "clean"))
+
+
+def test_truncated_video_is_partial_with_frames_before_the_damage(tmp_path, make_cfg, detector):
+    source = write_video(tmp_path / "src.mkv", 100, size=(128, 96))
+    data = source.read_bytes()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.mkv").write_bytes(data[: len(data) // 2])
+    cfg = make_cfg(tmp_path / "in")
+    row = process_video(only_video(tmp_path / "in"), cfg, detector)
+    assert row["status"] == "partial"
+    assert "truncated" in row["error"]
+    assert 0 < row["frame_count"] < 100
+    # Every decodable frame was detected and committed, none past the damage.
+    assert write.committed_end(tmp_path / "out", row["video_id"]) == row["frame_count"]
+    assert row["frames_processed"] == row["frame_count"]
+
+
+def test_prefetch_is_bounded_and_propagates_errors():
+    produced = []
+
+    def source():
+        for i in range(10):
+            produced.append(i)
+            yield i
+        raise RuntimeError("decoder exploded")
+
+    stream = prefetch(source(), depth=2)
+    assert next(stream) == 0
+    import time
+
+    time.sleep(0.3)
+    assert len(produced) <= 4  # one consumed, two queued, one waiting to be put
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        list(stream)
+
+
+def test_videos_table_rows_are_typed(tmp_path, make_cfg, detector):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.mp4").write_bytes(b"")
+    cfg = make_cfg(tmp_path / "in")
+    row = process_video(only_video(tmp_path / "in"), cfg, detector)
+    write.write_videos_table(tmp_path / "out", [row])
+    table = pl.read_parquet(tmp_path / "out" / "videos.parquet")
+    assert table.row(0, named=True)["status"] == "failed"
+    assert table.row(0, named=True)["error"] == "empty file (0 bytes)"

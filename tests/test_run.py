@@ -1,0 +1,131 @@
+"""End to end through a real local Ray: the awkward set, reruns, settings check, the CLI."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from job import write
+from job.run import _actor_plan, run
+from media import make_awkward_set
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def awkward_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("videos")
+    return directory, make_awkward_set(directory)
+
+
+def table(out):
+    return pl.read_parquet(out / "videos.parquet")
+
+
+def all_predictions(out):
+    return write.scan_predictions(out).collect().sort("video_id", "frame_index", "score", "class_id", "x1")
+
+
+def test_awkward_and_bad_inputs_are_recorded_and_do_not_stop_the_run(ray_session, awkward_dir, make_cfg, tmp_path):
+    directory, cases = awkward_dir
+    cfg = make_cfg(directory, "frame_stride=2")
+    summary = run(cfg)
+    videos = table(tmp_path / "out")
+    assert sorted(videos["path"]) == sorted(cases)  # every video-extension file, nothing else
+    by_path = {row["path"]: row for row in videos.iter_rows(named=True)}
+    for rel, expect in cases.items():
+        row = by_path[rel]
+        assert row["status"] == expect["status"], (rel, row)
+        if "error_contains" in expect:
+            assert expect["error_contains"] in row["error"], (rel, row["error"])
+        if expect["status"] == "ok":
+            assert row["error"] is None
+            assert row["frame_count"] == expect["frame_count"], rel
+            assert row["frames_processed"] == math.ceil(expect["frame_count"] / 2), rel
+        for key in ("width", "height", "codec", "rotation"):
+            if key in expect:
+                assert row[key] == expect[key], (rel, key)
+    assert len(set(videos.filter(pl.col("status") != "failed")["worker"])) == 2, "both actors should take videos"
+
+    preds = all_predictions(tmp_path / "out")
+    assert preds.height == summary.detections == videos["detections"].sum()
+    counts = preds.group_by("video_id").len()
+    assert dict(counts.iter_rows()) == {
+        r["video_id"]: r["detections"] for r in videos.iter_rows(named=True) if r["detections"]
+    }
+    assert preds.filter(pl.col("frame_index") % 2 != 0).height == 0
+    # Boxes lie inside each video's displayed frame.
+    sizes = preds.join(videos.select("video_id", "width", "height"), on="video_id")
+    assert sizes.filter((pl.col("x2") > pl.col("width")) | (pl.col("y2") > pl.col("height"))).height == 0
+    vfr = preds.join(videos.filter(pl.col("path") == "vfr.mkv").select("video_id"), on="video_id")
+    from media import VFR_PTS_MS
+
+    expected_ts = {i: VFR_PTS_MS[i] / 1000 for i in range(len(VFR_PTS_MS))}
+    for frame_index, ts in vfr.select("frame_index", "timestamp_s").unique().iter_rows():
+        assert ts == pytest.approx(expected_ts[frame_index], abs=1e-6)
+
+    assert summary.ok + summary.partial + summary.failed == len(cases)
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    for library in ("torch", "torchvision", "decord", "ray", "started_at", "finished_at"):
+        assert library in manifest
+
+    # A rerun skips everything finished, processes nothing new, and leaves identical tables.
+    again = run(cfg)
+    assert again.skipped == len(cases)  # bad files too: their failure is a fact about the file
+    assert again.frames == 0
+    assert table(tmp_path / "out").equals(videos.sort("path"))
+    assert all_predictions(tmp_path / "out").equals(preds)
+
+    with pytest.raises(write.SettingsMismatchError, match="score_threshold"):
+        run(make_cfg(directory, "frame_stride=2", "score_threshold=0.3"))
+
+
+def test_actor_plan_follows_declared_resources(monkeypatch, make_cfg, tmp_path):
+    import job.run as run_module
+
+    def plan(resources, *overrides):
+        monkeypatch.setattr(run_module.ray, "cluster_resources", lambda: resources)
+        cfg = make_cfg(tmp_path, "ray.num_actors=null", "ray.cpus_per_actor=2", *overrides)
+        return _actor_plan(cfg)
+
+    assert plan({"CPU": 16.0, "GPU": 4.0}, "device=auto") == (4, 2, 1.0)
+    assert plan({"CPU": 16.0, "GPU": 4.0}, "device=auto", "ray.gpus_per_actor=0.5") == (8, 2, 0.5)
+    assert plan({"CPU": 4.0, "GPU": 4.0}, "device=auto") == (4, 1.0, 1.0)  # CPUs shared, never over-asked
+    assert plan({"CPU": 16.0, "GPU": 4.0}, "device=cpu") == (8, 2, 0.0)
+    assert plan({"CPU": 2.0}, "device=auto") == (1, 2, 0.0)
+    with pytest.raises(RuntimeError, match="no GPUs"):
+        plan({"CPU": 8.0}, "device=cuda")
+
+
+def test_cli_runs_with_hydra_overrides_and_logs_a_summary(awkward_dir, weights_path, tmp_path):
+    directory, _ = awkward_dir
+    subset = tmp_path / "in"
+    subset.mkdir()
+    for name in ("plain.mp4", "zero.mp4"):
+        (subset / name).write_bytes((directory / name).read_bytes())
+    out = tmp_path / "cli out"
+    result = subprocess.run(
+        [sys.executable, "-m", "job", f"video_dir={subset}", f"output_dir={out}", f"model.weights={weights_path}",
+         "score_threshold=0.25", "ray.num_cpus=2", "ray.num_actors=1", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    videos = table(out)
+    assert dict(zip(videos["path"], videos["status"])) == {"plain.mp4": "ok", "zero.mp4": "failed"}
+    log = (tmp_path / "hydra" / "__main__.log").read_text()
+    assert "summary: 2 videos: 1 ok, 0 partial, 1 failed" in log
+    assert "zero.mp4: failed: empty file (0 bytes)" in result.stderr + log
+    assert "frame/s" in result.stderr  # the progress bar
+
+
+def test_cli_rejects_a_misspelt_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "job", "video_dir=/v", f"output_dir={tmp_path}", "scor_threshold=0.3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "scor_threshold" in result.stderr

@@ -1,0 +1,75 @@
+"""write: atomic parts, the resume chain, settings check, tables."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+from job import write
+
+
+def rows(n, start=0):
+    return write.detections_frame(
+        range(start, start + n), [i * 0.04 for i in range(start, start + n)],
+        [np.array([[1, 2, 3, 4]], dtype=np.float32)] * n, [np.array([0.9], dtype=np.float32)] * n,
+        [np.array([1])] * n, ["__background__", "person"],
+    )
+
+
+def test_parts_chain_and_resume_point(tmp_path):
+    assert write.committed_end(tmp_path, "v-1") == 0
+    write.commit_part(tmp_path, "v-1", 0, 10, rows(10), "zstd")
+    write.commit_part(tmp_path, "v-1", 10, 25, rows(15, 10), "zstd")
+    assert write.committed_end(tmp_path, "v-1") == 25
+    directory = write.partition_dir(tmp_path, "v-1")
+    (directory / ".part-0000000025-0000000030.parquet.abc.tmp").write_bytes(b"torn")
+    write.commit_part(tmp_path, "v-1", 40, 50, rows(10, 40), "zstd")  # a gap: must not be trusted
+    assert write.committed_end(tmp_path, "v-1") == 25
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "part-0000000000-0000000010.parquet", "part-0000000010-0000000025.parquet",
+    ]
+    table = write.scan_predictions(tmp_path).collect()
+    assert table["frame_index"].to_list() == list(range(25))
+    assert set(table["video_id"]) == {"v-1"} and set(table["class_name"]) == {"person"}
+
+
+def test_empty_parts_are_valid_and_typed(tmp_path):
+    write.commit_part(tmp_path, "v-2", 0, 8, rows(0), "zstd")
+    assert write.committed_end(tmp_path, "v-2") == 8
+    assert write.scan_predictions(tmp_path).collect().height == 0
+    plain = pl.scan_parquet(f"{tmp_path}/predictions/**/*.parquet", hive_partitioning=True).collect()
+    assert plain.height == 0
+
+
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
+    def boom(handle):
+        handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write.atomic_write(tmp_path / "x.parquet", boom)
+    assert os.listdir(tmp_path) == []
+
+
+def test_settings_mismatch_refuses(tmp_path):
+    write.ensure_settings(tmp_path, {"score_threshold": 0.5, "model": "m"})
+    write.ensure_settings(tmp_path, {"score_threshold": 0.5, "model": "m"})
+    with pytest.raises(write.SettingsMismatchError, match="score_threshold: stored 0.5, now 0.3"):
+        write.ensure_settings(tmp_path, {"score_threshold": 0.3, "model": "m"})
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(write.OutputNotWritableError, match="not writable"):
+        write.check_writable(blocker / "out")
+
+
+def test_videos_table_has_the_documented_schema(tmp_path):
+    write.write_videos_table(tmp_path, [{"video_id": "a-1", "path": "a.mp4", "status": "failed", "error": "x"}])
+    table = pl.read_parquet(tmp_path / "videos.parquet")
+    assert table.schema == pl.Schema(write.VIDEO_SCHEMA)
+    assert table.row(0, named=True)["frame_count"] is None
