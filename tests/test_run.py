@@ -129,3 +129,15 @@ def test_cli_rejects_a_misspelt_key(tmp_path):
     )
     assert result.returncode != 0
     assert "scor_threshold" in result.stderr
+
+
+def test_cli_stops_with_one_clear_error_when_the_model_cannot_load(awkward_dir, tmp_path):
+    directory, _ = awkward_dir
+    result = subprocess.run(
+        [sys.executable, "-m", "job", f"video_dir={directory}", f"output_dir={tmp_path / 'out'}",
+         f"model.weights={tmp_path / 'missing.pth'}", "ray.num_cpus=2", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "could not load the model" in result.stderr and "missing.pth: no such file" in result.stderr
+    assert "Traceback" not in result.stderr

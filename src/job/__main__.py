@@ -16,12 +16,20 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from job.run import run
+    from job.detect import WeightsError
+    from job.run import WorkersCannotStartError, run
+    from job.write import OutputNotWritableError, SettingsMismatchError
+
+    USER_ERRORS = (WeightsError, WorkersCannotStartError, OutputNotWritableError, SettingsMismatchError,
+                   FileNotFoundError, ValueError)
 
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
-    validate(plain)
     try:
+        validate(plain)
         run(plain)
+    except USER_ERRORS as exc:  # a setting to fix, not a bug: the message says which
+        log.error("job stopped: %s", exc)
+        sys.exit(2)
     except Exception:
         log.exception("job failed; output_dir=%s", plain["output_dir"])
         raise

@@ -10,14 +10,16 @@ import logging
 import math
 import os
 import platform
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from job import __version__, write
@@ -48,7 +50,7 @@ class ProgressCounter:
 class VideoWorker:
     """Holds one loaded model; processes one video per call."""
 
-    def __init__(self, cfg: dict[str, Any], progress: Any, threads: int) -> None:
+    def __init__(self, cfg: dict[str, Any], progress_actor: str, threads: int) -> None:
         import torch
 
         from job.detect import Detector
@@ -56,7 +58,8 @@ class VideoWorker:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
         self.cfg = cfg
-        self.progress = progress
+        # Looked up by name: a handle argument would live in the object store, which restarts need intact.
+        self.progress = ray.get_actor(progress_actor)
         model = cfg["model"]
         self.detector = Detector(model["name"], model["weights"], cfg["score_threshold"], cfg["device"],
                                  model["precision"])
@@ -188,50 +191,90 @@ def _actor_plan(cfg: dict[str, Any]) -> tuple[int, float, float]:
     return count, cpus_each, gpus_each
 
 
+class WorkersCannotStartError(RuntimeError):
+    pass
+
+
 def _process_on_actors(todo: list[Video], cfg: dict[str, Any]):
     """Yields each video's final row as it completes; retries videos whose actor died."""
     count, cpus_each, gpus_each = _actor_plan(cfg)
     count = min(count, len(todo))
     log.info("starting %d actors (%.2g CPU, %.2g GPU each)", count, cpus_each, gpus_each)
-    progress = ProgressCounter.options(num_cpus=0).remote()
+    progress_name = f"job-progress-{uuid.uuid4().hex}"
+    progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
     actors = [
-        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each).remote(cfg, progress, max(1, int(cpus_each)))
+        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each).remote(cfg, progress_name, max(1, int(cpus_each)))
         for _ in range(count)
     ]
-    queue = list(reversed(todo))
-    attempts: dict[str, int] = {}
-    running: dict[Any, tuple[Video, Any]] = {}
-    idle = list(actors)
     bar = tqdm(total=0, unit="frame", desc="detecting", dynamic_ncols=True, mininterval=1.0)
     try:
-        while queue or running:
-            while queue and idle:
-                video = queue.pop()
-                actor = idle.pop()
-                attempts[video.video_id] = attempts.get(video.video_id, 0) + 1
-                running[actor.process.remote(video, attempts[video.video_id])] = (video, actor)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                video, actor = running.pop(ref)
-                idle.append(actor)  # a dead actor is restarted by Ray (max_restarts=-1)
-                try:
-                    yield ray.get(ref)
-                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                    tries = attempts[video.video_id]
-                    if tries < cfg["ray"]["max_video_attempts"]:
-                        log.warning("actor died on %s (attempt %d), retrying: %s", video.relative_path, tries,
-                                    _first_line(exc))
-                        queue.append(video)
-                    else:
-                        yield _failed_by_worker(video, tries, exc, Path(cfg["output_dir"]))
-            done, expected = ray.get(progress.read.remote())
-            bar.total = max(expected, done)
-            bar.update(done - bar.n)
+        devices = _wait_until_ready(actors)
+        log.info("actors ready on %s", ", ".join(sorted(set(devices))))
+        yield from _schedule(todo, actors, cfg, progress, bar)
     finally:
         bar.close()
         for actor in actors:
             ray.kill(actor)
         ray.kill(progress)
+
+
+def _wait_until_ready(actors: list[Any]) -> list[str]:
+    """Surface a model that cannot load (bad weights, no internet) once, not as a failure per video."""
+    try:
+        return ray.get([actor.device.remote() for actor in actors])
+    except RayActorError as exc:
+        raise WorkersCannotStartError(f"the Ray workers could not load the model: {_root_cause(exc)}") from None
+
+
+def _schedule(todo: list[Video], actors: list[Any], cfg: dict[str, Any], progress: Any, bar: tqdm):
+    queue = list(reversed(todo))
+    attempts: dict[str, int] = {}
+    running: dict[Any, tuple[Video, Any]] = {}
+    recovering: dict[Any, Any] = {}  # health-check ref -> an actor Ray is restarting after a crash
+    idle = list(actors)
+    while queue or running:
+        while queue and idle:
+            video, actor = queue.pop(), idle.pop()
+            attempts[video.video_id] = attempts.get(video.video_id, 0) + 1
+            running[actor.process.remote(video, attempts[video.video_id])] = (video, actor)
+        ready, _ = ray.wait([*running, *recovering], num_returns=1, timeout=1.0)
+        for ref in ready:
+            if ref in recovering:
+                actor = recovering.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayActorError:
+                    time.sleep(0.2)
+                    recovering[actor.device.remote()] = actor
+                continue
+            video, actor = running.pop(ref)
+            try:
+                row = ray.get(ref)
+            except RayActorError as exc:
+                recovering[actor.device.remote()] = actor  # Ray restarts it (max_restarts=-1)
+                tries = attempts[video.video_id]
+                if tries < cfg["ray"]["max_video_attempts"]:
+                    log.warning("worker died on %s (attempt %d), retrying: %s", video.relative_path, tries,
+                                _first_line(exc))
+                    queue.append(video)
+                else:
+                    yield _failed_by_worker(video, tries, exc, Path(cfg["output_dir"]))
+                continue
+            idle.append(actor)
+            yield row
+        if not running and not idle and queue and not recovering:
+            raise WorkersCannotStartError("every Ray worker died and none could be restarted")
+        done, expected = ray.get(progress.read.remote())
+        bar.total = max(expected, done)
+        bar.update(done - bar.n)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The line of a Ray error that names the real exception, e.g. `WeightsError: ...`."""
+    causes = [line.strip() for line in str(exc).splitlines()
+              if re.match(r"^\s*[\w.]*(Error|Exception): ", line) and "ray.exceptions" not in line]
+    return causes[-1] if causes else _first_line(exc)
 
 
 def _failed_by_worker(video: Video, tries: int, exc: BaseException, output_dir: Path) -> dict[str, Any]:

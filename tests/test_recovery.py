@@ -1,0 +1,201 @@
+"""Exactly-once output: SIGKILL the whole job at several points, rerun, compare with a clean run.
+
+Also: one Ray actor killed mid-run is replaced and its video retried; readers scanning the
+output while the job runs never see a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+
+from conftest import THRESHOLD
+from job import write
+from job.run import run
+from job.samples import write_video
+
+pytestmark = pytest.mark.slow
+SETTINGS = ["batch_size=4", "output.commit_every_frames=8", "frame_stride=1"]
+KEYS = ["video_id", "frame_index", "class_id"]
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("recovery")
+    for i, frames in enumerate((48, 40, 32)):
+        write_video(directory / f"clip{i}.mp4", frames, size=(320, 240))
+    (directory / "bad.mp4").write_bytes(b"not a video")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, video_dir, tmp_path_factory, weights_path):
+    from conftest import compose_config
+
+    out = tmp_path_factory.mktemp("clean")
+    cfg = compose_config([f"video_dir={video_dir}", f"output_dir={out}", f"model.weights={weights_path}",
+                          f"score_threshold={THRESHOLD}", "device=cpu", "ray.num_actors=2",
+                          "ray.cpus_per_actor=1", *SETTINGS])
+    run(cfg)
+    return out
+
+
+def sorted_predictions(out: Path) -> pl.DataFrame:
+    return write.scan_predictions(out).collect().sort(*KEYS, "score", "x1", "y1")
+
+
+def assert_same_results(out: Path, reference: Path) -> None:
+    ours, theirs = sorted_predictions(out), sorted_predictions(reference)
+    assert ours.height == theirs.height > 0
+    assert ours.select(KEYS).equals(theirs.select(KEYS))
+    assert ours.select(pl.struct(KEYS).is_unique().all()).item() or ours.is_duplicated().sum() == 0
+    for column in ("timestamp_s", "score", "x1", "y1", "x2", "y2"):
+        assert (ours[column] - theirs[column]).abs().max() < 1e-3, column
+    mine = pl.read_parquet(out / "videos.parquet").select("path", "status", "frame_count", "frames_processed", "detections")
+    ref = pl.read_parquet(reference / "videos.parquet").select("path", "status", "frame_count", "frames_processed", "detections")
+    assert mine.equals(ref)
+
+
+def job_command(video_dir: Path, out: Path, weights: Path, hydra_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={out}", f"model.weights={weights}",
+            f"score_threshold={THRESHOLD}", "device=cpu", "ray.num_cpus=2", "ray.num_actors=1", *SETTINGS,
+            f"hydra.run.dir={hydra_dir}"]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started: Ray's GCS, raylet and workers."""
+    try:
+        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        tree = [process.pid]
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted((out / "predictions").glob("*/part-*.parquet"))
+
+
+def statuses(out: Path) -> list[Path]:
+    return sorted((out / "_state" / "videos").glob("*.json"))
+
+
+KILL_POINTS = {
+    # Ray and the model are starting; nothing committed yet.
+    "before_first_commit": lambda out: (out / "_state" / "settings.json").exists() and not parts(out),
+    # Some parts of the first video committed, the video not finished.
+    "mid_video": lambda out: len(parts(out)) >= 2 and not any("clip" in p.name for p in statuses(out)),
+    # One video finished, the next not started or just started.
+    "between_videos": lambda out: any("clip" in p.name for p in statuses(out)),
+    # A part is being written (its temp file exists) or, failing a hit, right after a commit.
+    "during_write": lambda out: any((out / "predictions").glob("*/.part-*.tmp")) or len(parts(out)) >= 3,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_rerun_gives_exactly_the_clean_results(point, video_dir, clean_run, weights_path, tmp_path):
+    out = tmp_path / "out"
+    command = job_command(video_dir, out, weights_path, tmp_path / "hydra")
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reader_errors: list[BaseException] = []
+    reads = [0]
+    stop = threading.Event()
+
+    def read_while_running() -> None:  # a user scanning the output mid-run must never see a torn file
+        while not stop.is_set():
+            if parts(out):
+                try:
+                    write.scan_predictions(out).collect()
+                    reads[0] += 1
+                except Exception as exc:  # noqa: BLE001 - any failure here is the bug
+                    reader_errors.append(exc)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_while_running, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not KILL_POINTS[point](out):
+            assert process.poll() is None, "the job finished before the kill point"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.005)
+    finally:
+        kill_tree(process)
+        stop.set()
+        reader.join()
+    assert not reader_errors, reader_errors[:1]
+    if point == "during_write":
+        # Whatever the kill caught, leave also what a kill inside a write leaves: a torn temp file.
+        partition = next(p for p in (out / "predictions").iterdir() if p.is_dir())
+        (partition / ".part-0000009999-0000010007.parquet.deadbeef.tmp").write_bytes(b"PAR1 torn")
+        (out / ".videos.parquet.deadbeef.tmp").write_bytes(b"PAR1 torn")
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_results(out, clean_run)
+    assert not list(out.rglob("*.tmp")) or all(p.name.startswith(".videos") for p in out.rglob("*.tmp"))
+
+
+def find_worker_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::VideoWorker"):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.parametrize("attempts, expect_status", [(3, "ok"), (1, "failed")])
+def test_a_killed_actor_is_replaced_and_its_video_retried(
+    ray_session, video_dir, clean_run, make_cfg, tmp_path, attempts, expect_status
+):
+    out = tmp_path / "out"
+    cfg = make_cfg(video_dir, *SETTINGS, f"ray.max_video_attempts={attempts}", output_dir=out)
+    killed: list[int] = []
+
+    def kill_one_worker_mid_video() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if parts(out):
+                busy = [p for p in find_worker_processes() if "process" in " ".join(p.cmdline())]
+                if busy:
+                    busy[0].kill()
+                    killed.append(busy[0].pid)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_worker_mid_video, daemon=True)
+    killer.start()
+    summary = run(cfg)
+    killer.join()
+    assert killed, "no worker was killed"
+    videos = pl.read_parquet(out / "videos.parquet")
+    retried = videos.filter(pl.col("path").str.starts_with("clip") & (pl.col("attempts") > 1) |
+                            pl.col("error").str.contains("died").fill_null(False))
+    assert retried.height == 1
+    if expect_status == "ok":
+        assert summary.failed == 1  # only bad.mp4
+        assert retried["status"][0] == "ok" and retried["attempts"][0] == 2
+        assert_same_results(out, clean_run)
+    else:
+        assert retried["status"][0] == "failed"
+        assert "worker process died" in retried["error"][0]
+        others = videos.filter(pl.col("path").str.starts_with("clip") & (pl.col("status") == "ok"))
+        assert others.height == 2  # the rest of the run is unaffected
