@@ -131,13 +131,24 @@ def test_cli_rejects_a_misspelt_key(tmp_path):
     assert "scor_threshold" in result.stderr
 
 
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, timeout=timeout)
+    result.output = result.stdout + result.stderr
+    return result
+
+
 def test_cli_stops_with_one_clear_error_when_the_model_cannot_load(awkward_dir, tmp_path):
+    import torch
+
     directory, _ = awkward_dir
-    result = subprocess.run(
-        [sys.executable, "-m", "job", f"video_dir={directory}", f"output_dir={tmp_path / 'out'}",
-         f"model.weights={tmp_path / 'missing.pth'}", "ray.num_cpus=2", f"hydra.run.dir={tmp_path / 'hydra'}"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 2
-    assert "could not load the model" in result.stderr and "missing.pth: no such file" in result.stderr
-    assert "Traceback" not in result.stderr
+    common = [f"video_dir={directory}", "ray.num_cpus=2", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    missing = run_cli(*common, f"output_dir={tmp_path / 'a'}", f"model.weights={tmp_path / 'missing.pth'}")
+    assert missing.returncode == 2
+    assert "missing.pth: no such file" in missing.output and "Traceback" not in missing.output
+
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    wrong = run_cli(*common, f"output_dir={tmp_path / 'b'}", f"model.weights={tmp_path / 'other.pth'}")
+    assert wrong.returncode == 2
+    assert "the Ray workers could not load the model" in wrong.output
+    assert "other.pth does not fit model=ssdlite320_mobilenet_v3_large" in wrong.output
+    assert "Traceback" not in wrong.output

@@ -47,6 +47,8 @@ def resolve_device(requested: str) -> torch.device:
 def weights_identity(name: str, weights: str) -> str:
     """What identifies the weights for the resume check: the enum member, or the file's sha256."""
     if _is_path(weights):
+        if not os.path.isfile(weights):
+            raise WeightsError(f"model.weights={weights}: no such file")
         digest = hashlib.sha256()
         with open(weights, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
