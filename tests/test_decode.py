@@ -118,3 +118,29 @@ def test_timestamps_extrapolate_past_known_pts():
 
     info = VideoInfo(10, 10, 10.0, 1.0, "h264", 0, None, np.array([0.0, 0.1, 0.25]))
     np.testing.assert_allclose(timestamps_for(np.array([0, 2, 3, 5]), info), [0.0, 0.25, 0.35, 0.55])
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("gops.mp4", {"options": {"g": "12", "bf": "2"}}),
+    ("vfr gops.mkv", {"options": {"g": "5"}, "pts_ms": None}),
+])
+def test_windowed_decord_decode_equals_sequential_pyav(tmp_path, name, kwargs):
+    """Readers are reopened every few frames (a bound on decord's read-ahead); frames must not shift."""
+    pts = [int(i * 33 + (i % 4) * 7) for i in range(60)]
+    rng = np.random.default_rng(7)  # every frame distinct, so a shift by one frame cannot pass
+    frames = [np.kron(rng.integers(0, 255, (8, 12, 3)), np.ones((8, 8, 1))).astype(np.uint8) for _ in range(60)]
+    path = write_video(tmp_path / name, frames, fps=30,
+                       **{**kwargs, "pts_ms": pts if "pts_ms" in kwargs else None})
+    info = probe(str(path))
+    for start, stride, window in [(0, 1, 7), (10, 3, 5), (13, 1, 16), (59, 1, 4)]:
+        progress = DecodeProgress()
+        ours = list(iter_batches(str(path), info, 4, stride, start, "decord", progress, window_frames=window))
+        reference = list(iter_batches(str(path), info, 4, stride, start, "pyav"))
+        assert progress.frames_decoded == 60
+        got = np.concatenate([b.frame_indices for b in ours]).tolist()
+        assert got == [i for i in range(start, 60) if i % stride == 0], (start, stride, window)
+        a = np.concatenate([b.frames.numpy() for b in ours]).astype(int)
+        b = np.concatenate([b.frames.numpy() for b in reference]).astype(int)
+        assert a.shape == b.shape
+        per_frame = np.abs(a - b).reshape(len(a), -1).mean(axis=1)
+        assert per_frame.max() < 3, (start, stride, window, per_frame.round(1))

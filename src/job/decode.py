@@ -10,7 +10,7 @@ returns corrupt 4-channel buffers for streams with a rotation, so those are deco
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -84,20 +84,27 @@ def iter_batches(
     start_frame: int = 0,
     decoder: str = "decord",
     progress: "DecodeProgress | None" = None,
+    window_frames: int | None = None,
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, index >= start_frame).
 
-    Only one batch is held at a time. `progress` (if given) ends up with the number of decodable
-    frames and, if decoding stopped early on damaged data, the reason.
+    `progress` (if given) ends up with the number of decodable frames and, if decoding stopped
+    early on damaged data, the reason. `window_frames` overrides how many frames decord decodes
+    per reader (see `_decord_frames`).
     """
     progress = progress if progress is not None else DecodeProgress()
-    use_pyav = decoder == "pyav" or info.rotation != 0
-    frames = _pyav_frames(path, info.rotation, progress) if use_pyav else _decord_frames(path, progress)
+
+    def wanted(index: int) -> bool:
+        return index >= start_frame and index % frame_stride == 0
+
+    if decoder == "pyav" or info.rotation != 0:
+        frames = _pyav_frames(path, info.rotation, wanted, progress)
+    else:
+        window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
+        frames = _decord_frames(path, wanted, start_frame, window, progress)
     batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8)
     indices: list[int] = []
-    for index, frame in enumerate(frames):
-        if index < start_frame or index % frame_stride:
-            continue
+    for index, frame in frames:
         if frame.shape != batch.shape[1:]:
             progress.damage = (
                 f"frame {index} is {tuple(frame.shape[:2])} (height, width), the stream started at "
@@ -146,30 +153,64 @@ def _make_batch(batch: torch.Tensor, indices: list[int], info: VideoInfo) -> Fra
     return FrameBatch(idx, timestamps_for(idx, info), batch)
 
 
-def _decord_frames(path: str, progress: DecodeProgress) -> Iterator[torch.Tensor]:
+# decord decodes ahead in a background thread with no bound (dmlc/decord#157): a reader held
+# while the model runs fills memory with the rest of the video. So each reader lives only for
+# one window of about this many bytes of frames, decoded in a tight loop, then is closed.
+DECORD_WINDOW_BYTES = 128 * 2**20
+
+
+def _decord_frames(
+    path: str, wanted: Callable[[int], bool], start: int, window: int, progress: DecodeProgress
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, frame) for the wanted frames, read sequentially with next() in bounded windows.
+
+    next() rather than get_batch(): it counts the frames really decodable instead of trusting the
+    container's count, and stops cleanly at damage instead of failing a whole batch. A rerun
+    resumes at `start` with an accurate seek instead of decoding from frame 0.
+    """
     import decord
-    from torch.utils.dlpack import from_dlpack
 
     decord.logging.set_level(decord.logging.QUIET)
-    try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    except Exception as exc:  # decord raises bare RuntimeError/DECORDError with C++ context
-        raise VideoError(f"decord cannot open the video: {_first_line(exc)}") from exc
-    # Sequential next() rather than get_batch(): it counts the frames really decodable instead of
-    # trusting the container's count, and stops cleanly at damage instead of failing the batch.
+    position = start
+    progress.frames_decoded = start
     while True:
+        held: list[tuple[int, torch.Tensor]] = []
+        finished = False
         try:
-            frame = reader.next()
-        except StopIteration:
-            return
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        except Exception as exc:  # decord raises bare RuntimeError/DECORDError with C++ context
+            raise VideoError(f"decord cannot open the video: {_first_line(exc)}") from exc
+        try:
+            if position:
+                if position >= len(reader):
+                    return
+                reader.seek_accurate(position)
+            while len(held) < window and not finished:
+                try:
+                    frame = reader.next()
+                except StopIteration:
+                    finished = True
+                    break
+                index = progress.frames_decoded
+                progress.frames_decoded += 1
+                if wanted(index):
+                    held.append((index, torch.from_numpy(frame.asnumpy())))
+                if progress.frames_decoded - position >= window:
+                    break
         except decord.DECORDError as exc:
             progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {_first_line(exc)}"
+            finished = True
+        finally:
+            del reader
+        yield from held
+        if finished:
             return
-        progress.frames_decoded += 1
-        yield from_dlpack(frame.to_dlpack())
+        position = progress.frames_decoded
 
 
-def _pyav_frames(path: str, rotation: int, progress: DecodeProgress) -> Iterator[torch.Tensor]:
+def _pyav_frames(
+    path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress
+) -> Iterator[tuple[int, torch.Tensor]]:
     turns = _quarter_turns(rotation)
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -183,9 +224,12 @@ def _pyav_frames(path: str, rotation: int, progress: DecodeProgress) -> Iterator
             except av.error.FFmpegError as exc:
                 progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {_reason(exc)}"
                 return
+            index = progress.frames_decoded
             progress.frames_decoded += 1
+            if not wanted(index):
+                continue
             rgb = frame.to_ndarray(format="rgb24")
-            yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
+            yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
 
 
 def _presentation_times(path: str) -> np.ndarray | None:
