@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import compose_config
 from job.config import validate
 
 REQUIRED = ["video_dir=/v", "output_dir=/o"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from media import VFR_PTS_MS, make_awkward_set
 
 from job.decode import DecodeProgress, VideoError, iter_batches, probe, timestamps_for
 from job.samples import scene, write_video
-from media import VFR_PTS_MS, make_awkward_set
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from conftest import MODEL, THRESHOLD
 from torchvision.models import get_model
 from torchvision.ops import box_iou
 
-from conftest import MODEL, THRESHOLD
 from job.decode import DecodeProgress, iter_batches, probe
 from job.detect import Detector, WeightsError, load_model, resolve_device
 from job.samples import calibrated_state_dict, scene, write_video

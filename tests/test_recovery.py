@@ -17,8 +17,8 @@ from pathlib import Path
 import polars as pl
 import psutil
 import pytest
-
 from conftest import THRESHOLD
+
 from job import write
 from job.run import run
 from job.samples import write_video

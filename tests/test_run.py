@@ -8,10 +8,10 @@ import sys
 
 import polars as pl
 import pytest
+from media import make_awkward_set
 
 from job import write
 from job.run import _actor_plan, run
-from media import make_awkward_set
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from job.detect import WeightsError
+    from job.errors import WeightsError
     from job.run import WorkersCannotStartError, run
     from job.write import OutputNotWritableError, SettingsMismatchError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -45,13 +45,13 @@ class ModelConfig:
 class RayConfig:
     # null: RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray.
     # "auto": join the cluster this machine belongs to.
-    address: Optional[str] = None
+    address: str | None = None
     # null: one actor per GPU share when the cluster has GPUs, else one per cpus_per_actor CPUs.
-    num_actors: Optional[int] = None
+    num_actors: int | None = None
     cpus_per_actor: float = 2.0
     gpus_per_actor: float = 1.0
     # CPUs for an embedded local Ray (null: all of this machine's).
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     # How many actor deaths one video may cause before it is recorded as failed.
     max_video_attempts: int = 3
 

@@ -83,7 +83,7 @@ def iter_batches(
     frame_stride: int = 1,
     start_frame: int = 0,
     decoder: str = "decord",
-    progress: "DecodeProgress | None" = None,
+    progress: DecodeProgress | None = None,
     window_frames: int | None = None,
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, index >= start_frame).

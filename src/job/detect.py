@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from contextlib import nullcontext
@@ -10,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from torchvision.models import get_model, get_model_weights
+
+from job.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,6 @@ SUPPORTED_MODELS = (
     "retinanet_resnet50_fpn_v2",
     "fcos_resnet50_fpn",
 )
-
-
-class WeightsError(RuntimeError):
-    """The configured weights cannot be loaded; the message says what to pass instead."""
 
 
 @dataclass
@@ -42,19 +39,6 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but this worker sees no CUDA device; use device=auto or device=cpu")
     return torch.device(requested)
-
-
-def weights_identity(name: str, weights: str) -> str:
-    """What identifies the weights for the resume check: the enum member, or the file's sha256."""
-    if _is_path(weights):
-        if not os.path.isfile(weights):
-            raise WeightsError(f"model.weights={weights}: no such file")
-        digest = hashlib.sha256()
-        with open(weights, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return f"sha256:{digest.hexdigest()}"
-    return f"torchvision:{_weights_enum(name, weights)}"
 
 
 def load_model(name: str, weights: str) -> tuple[torch.nn.Module, list[str]]:
@@ -178,5 +162,5 @@ def _is_path(weights: str) -> bool:
 
 __all__ = [
     "Detections", "Detector", "SUPPORTED_MODELS", "WeightsError", "load_model", "resolve_device",
-    "set_score_threshold", "weights_identity",
+    "set_score_threshold",
 ]

@@ -145,10 +145,11 @@ class _PartCommitter:
         self.compression = cfg["output"]["compression"]
         self.end = start  # frames [0, end) are committed
         self.frames_processed = math.ceil(start / cfg["frame_stride"])
-        self._pending: list[tuple[FrameBatch, list]] = []
+        # Indices, timestamps and detections only: holding the frames would cost a part's worth of pixels.
+        self._pending: list[tuple[np.ndarray, np.ndarray, list]] = []
 
     def add(self, batch: FrameBatch, detections: list) -> None:
-        self._pending.append((batch, detections))
+        self._pending.append((batch.frame_indices, batch.timestamps_s, detections))
         self.frames_processed += len(batch.frame_indices)
         if int(batch.frame_indices[-1]) + 1 - self.end >= self.every:
             self.flush()
@@ -156,17 +157,17 @@ class _PartCommitter:
     def flush(self) -> None:
         if not self._pending:
             return
-        batches = [b for b, _ in self._pending]
-        dets = [d for _, ds in self._pending for d in ds]
+        indices = np.concatenate([i for i, _, _ in self._pending])
+        dets = [d for _, _, ds in self._pending for d in ds]
         rows = write.detections_frame(
-            np.concatenate([b.frame_indices for b in batches]),
-            np.concatenate([b.timestamps_s for b in batches]),
+            indices,
+            np.concatenate([t for _, t, _ in self._pending]),
             [d.boxes.numpy() for d in dets],
             [d.scores.numpy() for d in dets],
             [d.labels.numpy() for d in dets],
             self.class_names,
         )
-        end = int(batches[-1].frame_indices[-1]) + 1
+        end = int(indices[-1]) + 1
         write.commit_part(self.output_dir, self.video_id, self.end, end, rows, self.compression)
         self.end = end
         self._pending = []

@@ -6,6 +6,7 @@ the driver hands a video to whichever actor is free, so long and short videos ba
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,17 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from job import __version__, write
-from job.detect import weights_identity
 from job.discover import Video, discover_videos
+from job.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
+
+
+# Frames are multi-MB buffers freed by another thread than the one that allocated them; glibc's
+# adaptive mmap threshold then keeps them on fragmenting heaps and a worker's memory creeps up
+# with video length. A fixed threshold returns them to the OS (see benchmarks/memory.md).
+WORKER_ENV = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
 
 
 @ray.remote
@@ -103,7 +111,7 @@ def detection_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     model = cfg["model"]
     return {
         "model": model["name"],
-        "weights": weights_identity(model["name"], model["weights"]),
+        "weights": _weights_identity(model["name"], model["weights"]),
         "precision": model["precision"],
         "score_threshold": float(cfg["score_threshold"]),
         "frame_stride": int(cfg["frame_stride"]),
@@ -152,6 +160,22 @@ def run(cfg: dict[str, Any]) -> RunSummary:
     write.write_manifest(output_dir, _manifest(cfg, started_at, summary))
     log.info("summary: %s", summary.describe())
     return summary
+
+
+def _weights_identity(name: str, weights: str) -> str:
+    """A local file by its sha256; torchvision's weights by name and torchvision release.
+
+    Computed without importing torch, so the driver stays small (it never runs a model).
+    """
+    if os.path.isfile(weights):
+        digest = hashlib.sha256()
+        with open(weights, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    if os.sep in weights or weights.endswith((".pth", ".pt")):
+        raise WeightsError(f"model.weights={weights}: no such file")
+    return f"torchvision {version('torchvision')}: {name} {weights}"
 
 
 def _init_ray(ray_cfg: dict[str, Any]) -> bool:
@@ -203,7 +227,7 @@ def _process_on_actors(todo: list[Video], cfg: dict[str, Any]):
     progress_name = f"job-progress-{uuid.uuid4().hex}"
     progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
     actors = [
-        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each).remote(cfg, progress_name, max(1, int(cpus_each)))
+        VideoWorker.options(num_cpus=cpus_each, num_gpus=gpus_each, runtime_env=WORKER_ENV).remote(cfg, progress_name, max(1, int(cpus_each)))
         for _ in range(count)
     ]
     bar = tqdm(total=0, unit="frame", desc="detecting", dynamic_ncols=True, mininterval=1.0)
@@ -290,23 +314,14 @@ def _failed_by_worker(video: Video, tries: int, exc: BaseException, output_dir: 
 
 
 def _manifest(cfg: dict[str, Any], started_at: datetime, summary: RunSummary) -> dict[str, Any]:
-    import polars
-    import torch
-    import torchvision
-
-    from job.decode import decoder_versions
-
     return {
         "job_version": __version__,
         "config": cfg,
         "settings": detection_settings(cfg),
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__, "polars": polars.__version__,
-            **decoder_versions(),
-        },
+        "versions": {"python": platform.python_version(),
+                     **{lib: version(lib) for lib in ("torch", "torchvision", "decord", "av", "ray", "polars")}},
         "totals": {k: v for k, v in summary.__dict__.items() if k != "rows"},
     }
 
