@@ -152,3 +152,40 @@ def test_cli_stops_with_one_clear_error_when_the_model_cannot_load(awkward_dir, 
     assert "the Ray workers could not load the model" in wrong.output
     assert "other.pth does not fit model=ssdlite320_mobilenet_v3_large" in wrong.output
     assert "Traceback" not in wrong.output
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 256 KiB tmpfs: fills up after a few parts. Needs root (CI and this machine have it)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_stops_with_a_clear_error_and_keeps_committed_parts(awkward_dir, weights_path, tmp_path,
+                                                                     tiny_filesystem):
+    import numpy as np
+
+    from job.samples import write_video
+
+    videos = tmp_path / "in"
+    # Noise frames: the calibrated model finds many boxes in them, so parts are large.
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(8)]
+    for i in range(3):
+        write_video(videos / f"v{i}.mp4", frames * 6)
+    out = tiny_filesystem / "out"
+    result = run_cli(f"video_dir={videos}", f"output_dir={out}", f"model.weights={weights_path}",
+                     "score_threshold=0.05", "output.commit_every_frames=4", "batch_size=4", "ray.num_cpus=2",
+                     "ray.num_actors=1", f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert result.returncode == 2, result.output[-2000:]
+    assert "cannot write to output_dir" in result.output and "No space left on device" in result.output
+    assert "rerun the same command to resume" in result.output
+    committed = list((out / "predictions").glob("*/part-*.parquet"))
+    assert committed, "some parts should have landed before the disk filled"
+    for part in committed:  # what landed is whole
+        pl.read_parquet(part)

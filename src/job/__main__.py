@@ -16,11 +16,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from job.errors import WeightsError
+    from job.errors import OutputWriteError, WeightsError
     from job.run import WorkersCannotStartError, run
     from job.write import OutputNotWritableError, SettingsMismatchError
 
-    USER_ERRORS = (WeightsError, WorkersCannotStartError, OutputNotWritableError, SettingsMismatchError,
+    USER_ERRORS = (WeightsError, OutputWriteError, WorkersCannotStartError, OutputNotWritableError, SettingsMismatchError,
                    FileNotFoundError, ValueError)
 
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)

@@ -24,6 +24,7 @@ from job import write
 from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
 from job.detect import Detector
 from job.discover import Video
+from job.errors import OutputWriteError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +75,8 @@ def process_video(
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
         committer.flush()
+    except OutputWriteError:
+        raise  # not this video's fault: the run must stop and say so
     except VideoError as exc:
         failure = str(exc)
     except Exception as exc:  # a bug or a resource error: record it, keep what was committed
@@ -168,7 +171,10 @@ class _PartCommitter:
             self.class_names,
         )
         end = int(indices[-1]) + 1
-        write.commit_part(self.output_dir, self.video_id, self.end, end, rows, self.compression)
+        try:
+            write.commit_part(self.output_dir, self.video_id, self.end, end, rows, self.compression)
+        except OSError as exc:
+            raise OutputWriteError.from_os_error(self.output_dir, exc) from exc
         self.end = end
         self._pending = []
 
@@ -200,5 +206,8 @@ def _count_detections(output_dir: Path, video_id: str) -> int:
 
 def _finish(output_dir: Path, row: dict[str, Any], started: float) -> dict[str, Any]:
     row["seconds"] = round(time.monotonic() - started, 3)
-    write.write_status(output_dir, row)
+    try:
+        write.write_status(output_dir, row)
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(output_dir, exc) from exc
     return row

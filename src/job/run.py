@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from job import __version__, write
 from job.discover import Video, discover_videos
-from job.errors import WeightsError
+from job.errors import OutputWriteError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,10 @@ def run(cfg: dict[str, Any]) -> RunSummary:
                 ray.shutdown()
 
     ordered = [rows[v.video_id] for v in videos]
-    write.write_videos_table(output_dir, ordered)
+    try:
+        write.write_videos_table(output_dir, ordered)
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(output_dir, exc) from exc
     for row in ordered:
         setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
         summary.detections += row.get("detections") or 0
@@ -275,6 +278,13 @@ def _schedule(todo: list[Video], actors: list[Any], cfg: dict[str, Any], progres
             video, actor = running.pop(ref)
             try:
                 row = ray.get(ref)
+            except RayTaskError as exc:
+                if isinstance(exc.cause, OutputWriteError):
+                    raise OutputWriteError(str(exc.cause)) from None
+                idle.append(actor)  # a bug outside process_video's own handling: record it, go on
+                yield _failed_row(video, attempts[video.video_id], f"internal error: {_root_cause(exc)}",
+                                  Path(cfg["output_dir"]))
+                continue
             except RayActorError as exc:
                 recovering[actor.device.remote()] = actor  # Ray restarts it (max_restarts=-1)
                 tries = attempts[video.video_id]
@@ -283,7 +293,9 @@ def _schedule(todo: list[Video], actors: list[Any], cfg: dict[str, Any], progres
                                 _first_line(exc))
                     queue.append(video)
                 else:
-                    yield _failed_by_worker(video, tries, exc, Path(cfg["output_dir"]))
+                    reason = (f"the worker process died on this video {tries} times (killed, out of memory or "
+                              f"crashed in the decoder); last: {_first_line(exc)}")
+                    yield _failed_row(video, tries, reason, Path(cfg["output_dir"]))
                 continue
             idle.append(actor)
             yield row
@@ -301,11 +313,9 @@ def _root_cause(exc: BaseException) -> str:
     return causes[-1] if causes else _first_line(exc)
 
 
-def _failed_by_worker(video: Video, tries: int, exc: BaseException, output_dir: Path) -> dict[str, Any]:
+def _failed_row(video: Video, tries: int, reason: str, output_dir: Path) -> dict[str, Any]:
     row = {
-        "video_id": video.video_id, "path": video.relative_path, "status": "failed",
-        "error": f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
-                 f"the decoder); last: {_first_line(exc)}",
+        "video_id": video.video_id, "path": video.relative_path, "status": "failed", "error": reason,
         "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": tries, "seconds": None,
         "retryable": True,
     }
