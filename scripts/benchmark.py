@@ -1,0 +1,210 @@
+"""Throughput: our job vs a hand-written Ray Data pipeline vs the seed's temp-file loop.
+
+    pip install -e ".[bench]" && python scripts/benchmark.py --out benchmarks/throughput.md
+
+On the same generated videos, model (ssdlite320_mobilenet_v3_large), weights and threshold,
+times in one run:
+  1. our job (`python -m job`, a fresh process, Ray start-up included);
+  2. Ray Data as users write it: read_videos -> map_batches(Detector, batch_size=16, concurrency=1)
+     -> write_parquet, the model at torchvision's default settings, filtered by score afterwards;
+  3. the seed app's loop: each frame written to a temporary JPEG, read back, model([image]);
+  4. decode only (our decord path, same frames);
+  5. model only (same frames already in memory, the model configured exactly as the job does).
+Weights: a seeded model calibrated on the frames (offline); speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from job.samples import calibrated_state_dict, scene, write_video
+
+MODEL = "ssdlite320_mobilenet_v3_large"
+RAY_DATA_PIPELINE = r'''
+import sys, time
+import numpy as np, ray, torch
+from torchvision.models import get_model
+
+video_dir, out, weights, threshold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+
+class Detector:
+    def __init__(self):
+        self.model = get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=91)
+        self.model.load_state_dict(torch.load(weights, weights_only=True))
+        self.model.eval()
+
+    def __call__(self, batch):
+        images = [torch.from_numpy(np.asarray(f)).permute(2, 0, 1).float() / 255 for f in batch["frame"]]
+        with torch.inference_mode():
+            outputs = self.model(images)
+        rows = {"frame_index": [], "boxes": [], "scores": [], "labels": []}
+        for index, out in zip(batch["frame_index"], outputs):
+            keep = out["scores"] >= threshold
+            rows["frame_index"].append(int(index))
+            rows["boxes"].append(out["boxes"][keep].numpy().tolist())
+            rows["scores"].append(out["scores"][keep].numpy().tolist())
+            rows["labels"].append(out["labels"][keep].numpy().tolist())
+        return rows
+
+
+ray.init(num_cpus=2, include_dashboard=False)
+ds = ray.data.read_videos(video_dir)
+ds.map_batches(Detector, batch_size=16, concurrency=1).write_parquet(out)
+'''
+
+
+def timed(command: list[str]) -> float:
+    started = time.monotonic()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def run_job(video_dir: Path, out: Path, weights: Path, threshold: float, extra: list[str]) -> tuple[float, float]:
+    """Wall seconds, and seconds after start-up (actors ready) as the job's manifest records them."""
+    seconds = timed([sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={out}",
+                     f"model.weights={weights}", f"score_threshold={threshold}", f"hydra.run.dir={out}/.hydra",
+                     *extra])
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    return seconds, totals["processing_seconds"]
+
+
+def run_ray_data(video_dir: Path, out: Path, weights: Path, threshold: float, tmp: Path) -> float:
+    script = tmp / "ray_data_pipeline.py"
+    script.write_text(RAY_DATA_PIPELINE)
+    return timed([sys.executable, str(script), str(video_dir), str(out), str(weights), str(threshold)])
+
+
+def run_temp_file_loop(videos: list[Path], weights: Path, threshold: float, tmp: Path) -> float:
+    import decord
+    from PIL import Image
+    from torchvision.models import get_model
+    from torchvision.transforms.functional import to_tensor
+
+    started = time.monotonic()
+    model = get_model(MODEL, weights=None, weights_backbone=None, num_classes=91)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    kept = 0
+    for video in videos:
+        reader = decord.VideoReader(str(video))
+        for i in range(len(reader)):
+            path = tmp / "frame.jpg"
+            Image.fromarray(reader[i].asnumpy()).save(path)
+            image = to_tensor(Image.open(path).convert("RGB"))
+            with torch.inference_mode():
+                out = model([image])[0]
+            kept += int((out["scores"] >= threshold).sum())
+    return time.monotonic() - started
+
+
+def decode_only(videos: list[Path], batch_size: int) -> tuple[float, list[torch.Tensor]]:
+    from job.decode import iter_batches, probe
+
+    started = time.monotonic()
+    batches = []
+    for video in videos:
+        info = probe(str(video))
+        batches.extend(b.frames for b in iter_batches(str(video), info, batch_size))
+    return time.monotonic() - started, batches
+
+
+def model_only(batches: list[torch.Tensor], weights: Path, threshold: float) -> float:
+    from job.detect import Detector
+
+    detector = Detector(MODEL, str(weights), threshold, device="cpu")
+    detector(batches[0])  # warm-up, as the job's actors are warm after the first batch
+    started = time.monotonic()
+    for batch in batches:
+        detector(batch)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=3, help="number of 640x272 videos")
+    parser.add_argument("--large", type=int, default=2, help="number of 1280x720 videos")
+    parser.add_argument("--frames", type=int, default=120, help="frames per video")
+    parser.add_argument("--threshold", type=float, default=0.2)
+    parser.add_argument("--batch-size", type=int, default=8, help="the job's batch_size")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ray_data", "temp_file"])
+    parser.add_argument("--out", type=Path, help="append a markdown report here")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        video_dir = tmp / "videos"
+        sizes = [(640, 272)] * args.small + [(1280, 720)] * args.large
+        videos = [write_video(video_dir / f"v{i}_{w}x{h}.mp4", [scene(k, w, h, seed=i) for k in range(args.frames)])
+                  for i, (w, h) in enumerate(sizes)]
+        total = len(videos) * args.frames
+        weights = tmp / "weights.pth"
+        torch.save(calibrated_state_dict(MODEL, [scene(k, 640, 272) for k in range(0, 48, 4)]), weights)
+
+        seconds = {}
+        seconds["job"], seconds["job_steady"] = run_job(video_dir, tmp / "out-job", weights, args.threshold,
+                                                        [f"batch_size={args.batch_size}"])
+        print("job", round(seconds["job"], 1), flush=True)
+        if "ray_data" not in args.skip:
+            seconds["ray_data"] = run_ray_data(video_dir, tmp / "out-ray-data", weights, args.threshold, tmp)
+            print("ray_data", round(seconds["ray_data"], 1), flush=True)
+        if "temp_file" not in args.skip:
+            seconds["temp_file"] = run_temp_file_loop(videos, weights, args.threshold, tmp)
+            print("temp_file", round(seconds["temp_file"], 1), flush=True)
+        seconds["decode_only"], batches = decode_only(videos, args.batch_size)
+        seconds["model_only"] = model_only(batches, weights, args.threshold)
+
+    fps = {name: total / s for name, s in seconds.items()}
+    labels = {
+        "job": "our job (`python -m job`, end to end: Ray start-up and model load included)",
+        "job_steady": "our job after start-up (actors ready to last video written)",
+        "ray_data": "Ray Data: read_videos -> map_batches(batch_size=16, concurrency=1) -> write_parquet",
+        "temp_file": "seed loop: frame -> temp JPEG -> model([image])",
+        "decode_only": "decode only (our decord path)",
+        "model_only": "model only (frames in memory, configured as the job)",
+    }
+    import decord
+    import ray
+    import torchvision
+
+    lines = [
+        f"## Throughput: {time.strftime('%Y-%m-%d')}",
+        "",
+        f"Command: `python scripts/benchmark.py --small {args.small} --large {args.large} --frames {args.frames} "
+        f"--threshold {args.threshold} --batch-size {args.batch_size}`",
+        f"Machine: {os.cpu_count()} CPUs, no GPU, {platform.platform()}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, decord {decord.__version__}, "
+        f"ray {ray.__version__}",
+        f"Input: {args.small} x 640x272 and {args.large} x 1280x720 videos, {args.frames} frames each "
+        f"({total} frames); {MODEL}, score_threshold={args.threshold}",
+        "",
+        "| pipeline | seconds | frames/s | our job is (which figure) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, value in fps.items():
+        # End-to-end pipelines are compared end to end; the in-memory model with the job's steady state.
+        ours = "job_steady" if name in ("model_only", "decode_only") else "job"
+        ratio = fps[ours] / value
+        lines.append(f"| {labels[name]} | {seconds[name]:.1f} | {value:.1f} | {ratio:.2f}x ({ours}) |")
+    lines.append("")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as handle:
+            handle.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

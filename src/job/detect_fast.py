@@ -1,0 +1,68 @@
+"""Exact fast paths for torchvision's SSD family: the same detections with less work per frame.
+
+torchvision's SSD postprocessing loops over 90 classes per image in Python, and its transform
+normalises and resizes image by image. For a fixed-size model fed whole batches, both can be
+done once per batch. `tests/test_detect.py` checks the results against torchvision's own path.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.ssd import SSD
+from torchvision.ops import boxes as box_ops
+
+
+def enable_fast_ssd(model: SSD) -> None:
+    """Swap in batched postprocessing and leave normalising/resizing to `prepare_batch`."""
+    model.postprocess_detections = types.MethodType(_postprocess_detections, model)
+    # The batch arrives resized to the model's fixed size and normalised (see prepare_batch),
+    # so the per-image steps would be an identity interpolation and a second normalisation.
+    model.transform.normalize = lambda image: image
+    model.transform.resize = lambda image, target=None: (image, target)
+
+
+def prepare_batch(model: SSD, images: torch.Tensor) -> torch.Tensor:
+    """uint8-valued float (B, 3, H, W) -> resized to the fixed size, scaled to [0, 1], normalised.
+
+    Resizing first is exact up to float rounding: bilinear weights sum to one, so resizing
+    commutes with the per-channel affine normalisation torchvision applies before it.
+    """
+    transform = model.transform
+    width, height = transform.fixed_size
+    images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    mean = torch.as_tensor(transform.image_mean, dtype=images.dtype, device=images.device)[:, None, None]
+    std = torch.as_tensor(transform.image_std, dtype=images.dtype, device=images.device)[:, None, None]
+    return images.div_(255.0).sub_(mean).div_(std)
+
+
+def _postprocess_detections(self: SSD, head_outputs, image_anchors, image_shapes):
+    """torchvision's SSD.postprocess_detections without the per-class Python loop.
+
+    Same candidates (score > score_thresh, at most topk_candidates per class, in class order and
+    by descending score within a class), same box decoding, clipping, batched NMS and cap.
+    """
+    pred_scores = F.softmax(head_outputs["cls_logits"], dim=-1)
+    num_classes = pred_scores.size(-1)
+    detections = []
+    for regression, scores, anchors, image_shape in zip(head_outputs["bbox_regression"], pred_scores,
+                                                        image_anchors, image_shapes):
+        anchor_index, class_index = (scores[:, 1:] > self.score_thresh).nonzero(as_tuple=True)
+        labels = class_index + 1
+        score = scores[anchor_index, labels]
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(labels[order], stable=True)]
+        anchor_index, labels, score = anchor_index[order], labels[order], score[order]
+        counts = torch.bincount(labels, minlength=num_classes)
+        if len(counts) and int(counts.max()) > self.topk_candidates:
+            first_of_class = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(len(labels), device=labels.device) - first_of_class[labels]
+            keep = rank < self.topk_candidates
+            anchor_index, labels, score = anchor_index[keep], labels[keep], score[keep]
+        boxes = self.box_coder.decode_single(regression[anchor_index], anchors[anchor_index])
+        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+        keep = box_ops.batched_nms(boxes, score, labels, self.nms_thresh)[: self.detections_per_img]
+        detections.append({"boxes": boxes[keep], "scores": score[keep], "labels": labels[keep]})
+    return detections
