@@ -6,6 +6,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from job.config import register_configs, validate
@@ -24,9 +26,14 @@ def main(cfg: DictConfig) -> None:
                    FileNotFoundError, ValueError)
 
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweeping:  # each combination gets its own output_dir (and manifest) under the given one
+        job = HydraConfig.get().job
+        name = job.override_dirname.replace("/", "_") or f"job{job.num}"
+        plain["output_dir"] = f"{plain['output_dir'].rstrip('/')}/{name}"
     try:
         validate(plain)
-        run(plain)
+        run(plain, keep_ray=sweeping)  # a sweep's jobs share one Ray runtime
     except USER_ERRORS as exc:  # a setting to fix, not a bug: the message says which
         log.error("job stopped: %s", exc)
         sys.exit(2)

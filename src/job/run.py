@@ -124,8 +124,11 @@ def detection_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(cfg: dict[str, Any]) -> RunSummary:
-    """Process every video under cfg['video_dir'] into cfg['output_dir']; returns the totals."""
+def run(cfg: dict[str, Any], keep_ray: bool = False) -> RunSummary:
+    """Process every video under cfg['video_dir'] into cfg['output_dir']; returns the totals.
+
+    `keep_ray` leaves a Ray runtime this call started running, for the next job of a sweep.
+    """
     started_at = datetime.now(timezone.utc)
     started = time.monotonic()
     output_dir = Path(cfg["output_dir"])
@@ -153,7 +156,7 @@ def run(cfg: dict[str, Any]) -> RunSummary:
                 if row["error"]:
                     log.warning("%s: %s: %s", row["path"], row["status"], row["error"])
         finally:
-            if started_ray:
+            if started_ray and not keep_ray:
                 ray.shutdown()
         if "ready" in timing:
             summary.processing_seconds = timing["done"] - timing["ready"]
@@ -344,6 +347,8 @@ def _manifest(cfg: dict[str, Any], started_at: datetime, summary: RunSummary) ->
         "versions": {"python": platform.python_version(),
                      **{lib: version(lib) for lib in ("torch", "torchvision", "decord", "av", "ray", "polars")}},
         "totals": {k: v for k, v in summary.__dict__.items() if k != "rows"},
+        # Jobs of one sweep share a Ray runtime: the same job id here.
+        "ray_job_id": ray.get_runtime_context().get_job_id() if ray.is_initialized() else None,
     }
 
 
