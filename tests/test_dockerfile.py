@@ -1,0 +1,48 @@
+"""Dockerfile.gpu: lint with hadolint, and check what the image promises."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile.gpu"
+
+
+def instructions() -> list[tuple[str, str]]:
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            keyword, _, rest = current.strip().partition(" ")
+            lines.append((keyword.upper(), rest))
+            current = ""
+    return lines
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install -e '.[dev]' brings it)")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_is_pinned_cuda_pytorch_and_runs_the_job():
+    steps = instructions()
+    (base,) = [rest for keyword, rest in steps if keyword == "FROM"]
+    image, _, tag = base.partition(":")
+    assert image == "pytorch/pytorch" and tag and tag != "latest" and "cuda" in tag
+    assert ("ENTRYPOINT", '["python", "-m", "job"]') in steps
+    for keyword, rest in steps:
+        if keyword == "COPY":
+            for source in rest.split()[:-1]:
+                assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+    assert any(keyword == "RUN" and "pip install" in rest and "-e ." in rest for keyword, rest in steps)
