@@ -6,6 +6,7 @@ exactly the processes that carry that temp dir, so other Ray runtimes (the test 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -33,6 +34,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def node_ports() -> list[str]:
+    """Two nodes on one machine must not share their agents' default ports (52365, ...)."""
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port"]
+    return [f"{flag}={free_port()}" for flag in flags]
+
+
 def kill_processes_under(temp_dir: str) -> None:
     mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
     for proc in mine:
@@ -46,44 +54,45 @@ def kill_processes_under(temp_dir: str) -> None:
 
 
 @pytest.fixture
-def ray_cluster(monkeypatch):
+def ray_cluster():
+    """(dashboard address, environment with the cluster's token) of a fresh head + worker node."""
     temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # The job's `python` must be this environment's, as in an activated venv.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     gcs_port, dashboard_port = free_port(), free_port()
     try:
         subprocess.run([RAY, "start", "--head", "--num-cpus=1", f"--port={gcs_port}", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-                        "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+                        "--disable-usage-stats", *node_ports()], check=True, env=env, capture_output=True, timeout=120)
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-                        "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
-        yield f"http://127.0.0.1:{dashboard_port}"
+                        "--disable-usage-stats", *node_ports()], check=True, env=env, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         kill_processes_under(temp_dir)
 
 
 def test_job_submitted_to_a_two_node_cluster(ray_cluster, weights_path, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+    address, env = ray_cluster
     for i in range(3):
         write_video(tmp_path / "in" / f"clip {i}.mp4", 8, size=(160, 120))
     (tmp_path / "in" / "bad.mp4").write_bytes(b"nope")
     out = tmp_path / "out"
-    client = JobSubmissionClient(ray_cluster)
+    # The Jobs CLI as a user runs it (in its own process: Ray reads RAY_AUTH_* once per process).
     # Two 1-CPU actors on two 1-CPU nodes: the run only finishes if Ray places them on both nodes.
-    job_id = client.submit_job(
-        entrypoint=f"python -m job video_dir='{tmp_path / 'in'}' output_dir='{out}' model.weights='{weights_path}' "
-                   f"score_threshold=0.25 ray.num_actors=2 ray.cpus_per_actor=1",
-        runtime_env={"working_dir": str(REPO), "excludes": [".venv/", ".git/", "demo/"]},
-    )
-    deadline = time.monotonic() + 600
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(1)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    command = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps({"excludes": [".venv/", ".git/", "demo/"]}), "--",
+               "python", "-m", "job", f"video_dir={tmp_path / 'in'}", f"output_dir={out}",
+               f"model.weights={weights_path}", "score_threshold=0.25", "ray.num_actors=2", "ray.cpus_per_actor=1"]
+    deadline = time.monotonic() + 120
+    while True:  # right after `ray start` the head's job agent may not be up yet
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        logs = result.stdout + result.stderr
+        if "No available agent to submit job" not in logs or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert result.returncode == 0, "\n".join(line for line in logs.splitlines() if "packaging.py" not in line)[-6000:]
+    assert "succeeded" in logs
     assert "starting 2 actors" in logs and "summary: 4 videos: 3 ok, 0 partial, 1 failed" in logs
     videos = pl.read_parquet(out / "videos.parquet")
     assert sorted(videos.filter(pl.col("status") == "ok")["path"]) == ["clip 0.mp4", "clip 1.mp4", "clip 2.mp4"]

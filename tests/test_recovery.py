@@ -6,8 +6,6 @@ output while the job runs never see a torn file.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +16,7 @@ import polars as pl
 import psutil
 import pytest
 from conftest import THRESHOLD
+from processes import kill_tree
 
 from job import write
 from job.run import run
@@ -69,24 +68,6 @@ def job_command(video_dir: Path, out: Path, weights: Path, hydra_dir: Path) -> l
     return [sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={out}", f"model.weights={weights}",
             f"score_threshold={THRESHOLD}", "device=cpu", "ray.num_cpus=2", "ray.num_actors=1", *SETTINGS,
             f"hydra.run.dir={hydra_dir}"]
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started: Ray's GCS, raylet and workers."""
-    try:
-        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        tree = [process.pid]
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
 
 
 def parts(out: Path) -> list[Path]:

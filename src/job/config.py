@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Device(str, Enum):
@@ -79,7 +79,16 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+def log_dir(output_dir: str) -> str:
+    """Where Hydra keeps a run's log: inside output_dir, or under ./outputs when that is a URI."""
+    if "://" in output_dir and not output_dir.startswith("file://"):
+        return "outputs/" + output_dir.replace("://", "/").strip("/")
+    return f"{output_dir.removeprefix('file://')}/.hydra_logs"
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("job_log_dir"):
+        OmegaConf.register_new_resolver("job_log_dir", log_dir)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=JobConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)

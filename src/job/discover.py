@@ -5,8 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 # Containers users hand us in practice; matched case-insensitively.
 VIDEO_EXTENSIONS = frozenset(
@@ -17,10 +23,16 @@ VIDEO_EXTENSIONS = frozenset(
 )
 
 
+def is_uri(location: str | os.PathLike) -> bool:
+    """s3://, gs://, ... (file:// and plain paths are local)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
 @dataclass(frozen=True)
 class Video:
     video_id: str
-    path: str  # absolute path on this machine
+    path: str  # absolute local path, or the object's URI (s3://...)
     relative_path: str  # relative to video_dir, "/"-separated, exactly as on disk
 
 
@@ -37,6 +49,8 @@ def video_id_for(relative_path: str) -> str:
 
 
 def discover_videos(video_dir: str | os.PathLike) -> list[Video]:
+    if is_uri(video_dir):
+        return _discover_remote(str(video_dir))
     root = Path(video_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"video_dir={video_dir!s} is not a directory; pass video_dir=/path/to/videos")
@@ -50,3 +64,50 @@ def discover_videos(video_dir: str | os.PathLike) -> list[Video]:
             relative = absolute.relative_to(root).as_posix()
             videos.append(Video(video_id_for(relative), str(absolute.resolve()), relative))
     return videos
+
+
+def _discover_remote(video_dir: str) -> list[Video]:
+    """Videos under an object-store prefix; `path` stays a URI that workers fetch themselves."""
+    scheme = video_dir.split("://", 1)[0]
+    fs, root = filesystem_for(video_dir)
+    root = root.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"video_dir={video_dir} does not exist; pass video_dir=URI_OR_PATH") from None
+    videos = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File and Path(info.base_name).suffix.lower() in VIDEO_EXTENSIONS:
+            relative = info.path[len(root):].lstrip("/")
+            videos.append(Video(video_id_for(relative), f"{scheme}://{info.path}", relative))
+    return videos
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for an object-store URI whose key may hold spaces or non-ASCII.
+
+    `FileSystem.from_uri` parses the whole URI and rejects such keys, so only the bucket part
+    goes through it (credentials and endpoints come from the environment, e.g. AWS_ENDPOINT_URL).
+    """
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    return fs, rest
+
+
+@contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local file for the decoders: the path itself, or a temporary copy of an object-store URI.
+
+    Each worker streams its own video from the store; the driver never touches the bytes.
+    """
+    if not is_uri(path):
+        yield path
+        return
+    fs, remote = filesystem_for(path)
+    suffix = Path(remote).suffix
+    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="job-video-") as local:
+        with fs.open_input_stream(remote) as stream:
+            shutil.copyfileobj(stream, local, length=8 << 20)
+        local.flush()
+        yield local.name

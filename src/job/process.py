@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import polars as pl
 
 from job import write
 from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
 from job.detect import Detector
-from job.discover import Video
+from job.discover import Video, local_copy
 from job.errors import OutputWriteError
 
 log = logging.getLogger(__name__)
@@ -33,30 +32,36 @@ T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 
 
-def process_video(
+def process_video(video: Video, cfg: dict[str, Any], detector: Detector,
+                  on_progress: ProgressCallback | None = None, attempts: int = 1) -> dict[str, Any]:
+    """Runs one video to its final status row, committing detections as it goes.
+
+    Never raises for a bad video: the reason goes into the row's `error`.
+    """
+    try:
+        with local_copy(video.path) as path:
+            return _process_local(video, path, cfg, detector, on_progress, attempts)
+    except OSError as exc:  # the object store would not give us the video
+        row = _new_row(video, detector, attempts)
+        row["error"], row["retryable"] = f"cannot fetch the video: {exc}", True
+        return _finish(cfg["output_dir"], row, time.monotonic())
+
+
+def _process_local(
     video: Video,
+    path: str,
     cfg: dict[str, Any],
     detector: Detector,
     on_progress: ProgressCallback | None = None,
     attempts: int = 1,
 ) -> dict[str, Any]:
-    """Runs one video to its final status row, committing detections as it goes.
-
-    Never raises for a bad video: the reason goes into the row's `error`.
-    """
     on_progress = on_progress or (lambda done, expected: None)
-    output_dir = Path(cfg["output_dir"])
+    output_dir = cfg["output_dir"]
     stride = cfg["frame_stride"]
     started = time.monotonic()
-    row: dict[str, Any] = {
-        "video_id": video.video_id, "path": video.relative_path, "status": "failed", "error": None,
-        "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": attempts,
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(detector.device),
-        # Whether a rerun should try again: not for facts about the file, yes for crashes and bugs.
-        "retryable": False,
-    }
+    row = _new_row(video, detector, attempts)
     try:
-        info = probe(video.path)
+        info = probe(path)
     except VideoError as exc:
         row["error"] = str(exc)
         return _finish(output_dir, row, started)
@@ -70,7 +75,7 @@ def process_video(
     progress = DecodeProgress()
     failure = None
     try:
-        batches = iter_batches(video.path, info, cfg["batch_size"], stride, start, cfg["decoder"], progress)
+        batches = iter_batches(path, info, cfg["batch_size"], stride, start, cfg["decoder"], progress)
         for batch in prefetch(batches, cfg["prefetch_batches"]):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
@@ -87,7 +92,7 @@ def process_video(
     frame_count = progress.frames_decoded
     row["frame_count"] = frame_count
     row["frames_processed"] = committer.frames_processed
-    row["detections"] = _count_detections(output_dir, video.video_id)
+    row["detections"] = write.count_detections(output_dir, video.video_id)
     damage = failure or progress.damage or _missing_frames(info, frame_count)
     if damage is None:
         row["status"] = "ok"
@@ -97,6 +102,16 @@ def process_video(
         if frame_count == 0 and failure is None:
             row["error"] = f"no frame could be decoded ({info.codec}): {damage}"
     return _finish(output_dir, row, started)
+
+
+def _new_row(video: Video, detector: Detector, attempts: int) -> dict[str, Any]:
+    return {
+        "video_id": video.video_id, "path": video.relative_path, "status": "failed", "error": None,
+        "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": attempts,
+        "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(detector.device),
+        # Whether a rerun should try again: not for facts about the file, yes for crashes and bugs.
+        "retryable": False,
+    }
 
 
 def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
@@ -195,13 +210,6 @@ def _missing_frames(info: VideoInfo, frame_count: int) -> str | None:
                 f"file); results cover frames 0-{frame_count - 1}"
             )
     return None
-
-
-def _count_detections(output_dir: Path, video_id: str) -> int:
-    directory = write.partition_dir(output_dir, video_id)
-    if not directory.is_dir() or not any(directory.glob("part-*.parquet")):
-        return 0
-    return pl.scan_parquet(directory / "part-*.parquet").select(pl.len()).collect().item()
 
 
 def _finish(output_dir: Path, row: dict[str, Any], started: float) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def run(cfg: dict[str, Any], keep_ray: bool = False) -> RunSummary:
     """
     started_at = datetime.now(timezone.utc)
     started = time.monotonic()
-    output_dir = Path(cfg["output_dir"])
+    output_dir = cfg["output_dir"]
     videos = discover_videos(cfg["video_dir"])
     write.check_writable(output_dir)
     write.ensure_settings(output_dir, detection_settings(cfg))
@@ -297,7 +297,7 @@ def _schedule(todo: list[Video], actors: list[Any], cfg: dict[str, Any], progres
                     raise OutputWriteError(str(exc.cause)) from None
                 idle.append(actor)  # a bug outside process_video's own handling: record it, go on
                 yield _failed_row(video, attempts[video.video_id], f"internal error: {_root_cause(exc)}",
-                                  Path(cfg["output_dir"]))
+                                  cfg["output_dir"])
                 continue
             except RayActorError as exc:
                 recovering[actor.device.remote()] = actor  # Ray restarts it (max_restarts=-1)
@@ -309,7 +309,7 @@ def _schedule(todo: list[Video], actors: list[Any], cfg: dict[str, Any], progres
                 else:
                     reason = (f"the worker process died on this video {tries} times (killed, out of memory or "
                               f"crashed in the decoder); last: {_first_line(exc)}")
-                    yield _failed_row(video, tries, reason, Path(cfg["output_dir"]))
+                    yield _failed_row(video, tries, reason, cfg["output_dir"])
                 continue
             idle.append(actor)
             yield row

@@ -1,0 +1,95 @@
+"""video_dir and output_dir on S3 (moto's server on localhost): a kill mid-run, a rerun, exact results.
+
+No rename on object stores: each part, status and table is one PUT, which appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import boto3
+import polars as pl
+import pytest
+from conftest import THRESHOLD
+from processes import kill_tree
+
+from job import write
+from job.run import run
+from job.samples import write_video
+
+pytestmark = pytest.mark.slow
+BUCKET = "job-test-bucket"
+SETTINGS = ["batch_size=4", "output.commit_every_frames=8"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ALLOW_HTTP": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    local = tmp_path_factory.mktemp("s3-videos")
+    for i, frames in enumerate((40, 32)):
+        write_video(local / f"clip {i}.mp4", frames, size=(320, 240))
+    (local / "bad.mp4").write_bytes(b"not a video")
+    for path in local.iterdir():
+        client.upload_file(str(path), BUCKET, f"videos/{path.name}")
+    yield client, env, local
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def part_keys(client, prefix: str) -> list[str]:
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/predictions/")
+    return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".parquet")]
+
+
+def test_s3_in_and_out_with_a_kill_and_resume(ray_session, s3, make_cfg, weights_path, tmp_path):
+    client, env, local_videos = s3
+    clean = tmp_path / "clean"
+    run(make_cfg(local_videos, *SETTINGS, output_dir=clean))
+
+    out = f"s3://{BUCKET}/out"
+    command = [sys.executable, "-m", "job", f"video_dir=s3://{BUCKET}/videos", f"output_dir={out}",
+               f"model.weights={weights_path}", f"score_threshold={THRESHOLD}", "device=cpu", "ray.num_cpus=2",
+               "ray.num_actors=1", *SETTINGS]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, **env})
+    deadline = time.monotonic() + 300
+    try:
+        while len(part_keys(client, "out")) < 2:
+            assert process.poll() is None, ("the job finished before the kill", [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])])
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        kill_tree(process)
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix="out/")
+    assert not any(o["Key"].endswith("videos.parquet") for o in listing.get("Contents", []))
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           env={**os.environ, **env})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    keys = ["video_id", "frame_index", "class_id"]
+    ours = write.scan_predictions(out).collect().sort(*keys, "score", "x1", "y1")
+    theirs = write.scan_predictions(clean).collect().sort(*keys, "score", "x1", "y1")
+    assert ours.height == theirs.height > 0
+    assert ours.select(keys).equals(theirs.select(keys))
+    assert (ours["score"] - theirs["score"]).abs().max() < 1e-3
+    videos = pl.read_parquet(f"{out}/videos.parquet").select("path", "status", "frame_count", "detections")
+    reference = pl.read_parquet(clean / "videos.parquet").select("path", "status", "frame_count", "detections")
+    assert videos.equals(reference)
+    assert (tmp_path / "outputs").is_dir()  # Hydra's log goes to a local dir when output_dir is a URI
