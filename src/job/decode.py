@@ -185,7 +185,7 @@ def _decord_frames(
                 if position >= len(reader):
                     return
                 reader.seek_accurate(position)
-            while len(held) < window and not finished:
+            while True:
                 try:
                     frame = reader.next()
                 except StopIteration:

@@ -88,7 +88,6 @@ class Output:
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
         text = str(output_dir)
-        self.uri = text
         if is_uri(text):
             self.fs, self.root = filesystem_for(text)
             self.local = False
@@ -252,10 +251,6 @@ def detections_frame(
         },
         schema=PREDICTION_SCHEMA,
     )
-
-
-def status_path(output_dir: str | os.PathLike, video_id: str) -> Path:
-    return Path(output_dir) / STATE / "videos" / f"{video_id}.json"
 
 
 def write_status(output_dir: str | os.PathLike, row: dict[str, Any]) -> None:
