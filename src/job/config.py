@@ -6,6 +6,7 @@ is composed, before Ray starts or a model loads.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -77,6 +78,11 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def is_weights_path(weights: str) -> bool:
+    """model.weights names a local state_dict file (else a torchvision weights enum member)."""
+    return os.sep in weights or weights.endswith((".pth", ".pt")) or os.path.exists(weights)
 
 
 def log_dir(output_dir: str) -> str:

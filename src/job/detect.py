@@ -12,6 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights
 from torchvision.models.detection.ssd import SSD
 
+from job.config import is_weights_path
 from job.detect_fast import enable_fast_ssd, prepare_batch
 from job.errors import WeightsError
 
@@ -48,7 +49,7 @@ def load_model(name: str, weights: str) -> tuple[torch.nn.Module, list[str]]:
     """Builds `name` with `weights` in eval mode and returns it with its class names."""
     enum = _weights_enum(name, "DEFAULT")
     categories = list(enum.meta["categories"])
-    if _is_path(weights):
+    if is_weights_path(weights):
         if not os.path.isfile(weights):
             raise WeightsError(f"model.weights={weights}: no such file")
         model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories))
@@ -196,10 +197,6 @@ def _weights_enum(name: str, weights: str):
             f"model.weights={weights} is neither an existing file nor one of {name}'s torchvision "
             f"weights (DEFAULT, {members}); pass model.weights=/path/to/state_dict.pth"
         ) from None
-
-
-def _is_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pth", ".pt")) or os.path.exists(weights)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from job import __version__, write
+from job.config import is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import OutputWriteError, WeightsError
 
@@ -182,14 +183,14 @@ def _weights_identity(name: str, weights: str) -> str:
 
     Computed without importing torch, so the driver stays small (it never runs a model).
     """
-    if os.path.isfile(weights):
+    if is_weights_path(weights):
+        if not os.path.isfile(weights):
+            raise WeightsError(f"model.weights={weights}: no such file")
         digest = hashlib.sha256()
         with open(weights, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         return f"sha256:{digest.hexdigest()}"
-    if os.sep in weights or weights.endswith((".pth", ".pt")):
-        raise WeightsError(f"model.weights={weights}: no such file")
     return f"torchvision {version('torchvision')}: {name} {weights}"
 
 
