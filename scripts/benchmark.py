@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import machine_line, publish
 
 from job.samples import calibrated_state_dict, scene, write_video
 
@@ -174,18 +174,12 @@ def main() -> None:
         "decode_only": "decode only (our decord path)",
         "model_only": "model only (frames in memory, configured as the job)",
     }
-    import decord
-    import ray
-    import torchvision
-
     lines = [
         f"## Throughput: {time.strftime('%Y-%m-%d')}",
         "",
         f"Command: `python scripts/benchmark.py --small {args.small} --large {args.large} --frames {args.frames} "
         f"--threshold {args.threshold} --batch-size {args.batch_size}`",
-        f"Machine: {os.cpu_count()} CPUs, no GPU, {platform.platform()}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, decord {decord.__version__}, "
-        f"ray {ray.__version__}",
+        machine_line(),
         f"Input: {args.small} x 640x272 and {args.large} x 1280x720 videos, {args.frames} frames each "
         f"({total} frames); {MODEL}, score_threshold={args.threshold}",
         "",
@@ -198,12 +192,7 @@ def main() -> None:
         ratio = fps[ours] / value
         lines.append(f"| {labels[name]} | {seconds[name]:.1f} | {value:.1f} | {ratio:.2f}x ({ours}) |")
     lines.append("")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as handle:
-            handle.write(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

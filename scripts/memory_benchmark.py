@@ -11,7 +11,6 @@ process it starts, every 0.1 s.
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from report import machine_line, publish
 
 from job.samples import calibrated_state_dict, scene, write_video
 
@@ -80,17 +80,12 @@ def main() -> None:
 
     growth_long = results["long"]["peak_pss_mb"] / results["short"]["peak_pss_mb"] - 1
     growth_many = results["many"]["peak_pss_mb"] / results["short"]["peak_pss_mb"] - 1
-    import decord
-    import ray
-
     lines = [
         f"## Memory: {time.strftime('%Y-%m-%d')}",
         "",
         f"Command: `python scripts/memory_benchmark.py --frames {args.frames} --size {args.size} "
         f"--stride {args.stride} --many {args.many}`",
-        f"Machine: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, decord {decord.__version__}, "
-        f"ray {ray.__version__}",
+        machine_line(),
         "",
         "| case | frames decoded | peak PSS of tree (MiB) | peak RSS sum (MiB) | seconds |",
         "| --- | --- | --- | --- | --- |",
@@ -100,12 +95,7 @@ def main() -> None:
         lines.append(f"| {case} | {decoded[case]} | {result['peak_pss_mb']:.0f} | {result['peak_rss_mb']:.0f} | "
                      f"{result['seconds']:.0f} |")
     lines += ["", f"Long vs short: {growth_long:+.1%} peak PSS; {args.many} videos vs one: {growth_many:+.1%}.", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as handle:
-            handle.write(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
