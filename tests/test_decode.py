@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from media import VFR_PTS_MS, make_awkward_set
 
 from job.decode import DecodeProgress, VideoError, iter_batches, probe, timestamps_for
@@ -144,3 +145,16 @@ def test_windowed_decord_decode_equals_sequential_pyav(tmp_path, name, kwargs):
         assert a.shape == b.shape
         per_frame = np.abs(a - b).reshape(len(a), -1).mean(axis=1)
         assert per_frame.max() < 3, (start, stride, window, per_frame.round(1))
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_decoder_threads_do_not_change_the_frames(tmp_path, decoder):
+    """Inline decoding uses all the actor's cores; frame threading must be bit-exact, in order."""
+    rng = np.random.default_rng(3)
+    frames = [np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8) for _ in range(40)]
+    path = str(write_video(tmp_path / "threads.mp4", frames, fps=25, options={"g": "10", "bf": "2"}))
+    info = probe(path)
+    one, two = ([b for b in iter_batches(path, info, 8, decoder=decoder, threads=n, window_frames=16)]
+                for n in (1, 2))
+    assert np.concatenate([b.frame_indices for b in two]).tolist() == list(range(40))
+    assert torch.equal(torch.cat([b.frames for b in one]), torch.cat([b.frames for b in two]))

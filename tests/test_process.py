@@ -99,6 +99,36 @@ def test_prefetch_is_bounded_and_propagates_errors():
         list(stream)
 
 
+def test_prefetch_depth_zero_produces_in_the_callers_thread_on_demand():
+    import threading
+
+    produced = []
+
+    def source():
+        for i in range(3):
+            produced.append((i, threading.get_ident()))
+            yield i
+
+    stream = prefetch(source(), depth=0)
+    assert produced == []
+    assert next(stream) == 0
+    assert produced == [(0, threading.get_ident())]
+    assert list(stream) == [1, 2]
+
+
+def test_inline_and_threaded_decoding_commit_the_same_detections(tmp_path, make_cfg, detector):
+    write_video(tmp_path / "in" / "v.mp4", 30, size=(320, 240))
+    video = only_video(tmp_path / "in")
+    rows = {}
+    for depth in (0, 2):
+        cfg = make_cfg(tmp_path / "in", f"prefetch_batches={depth}", "batch_size=4",
+                       output_dir=tmp_path / f"out{depth}")
+        rows[depth] = process_video(video, cfg, detector)
+        assert rows[depth]["status"] == "ok" and rows[depth]["frames_processed"] == 30
+    assert rows[0]["detections"] == rows[2]["detections"] > 0
+    assert predictions(tmp_path / "out0").equals(predictions(tmp_path / "out2"))
+
+
 def test_videos_table_rows_are_typed(tmp_path, make_cfg, detector):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "empty.mp4").write_bytes(b"")

@@ -73,8 +73,10 @@ class JobConfig:
     score_threshold: float = 0.5
     frame_stride: int = 1
     decoder: Decoder = Decoder.decord
-    # Decoded batches buffered ahead of the model; bounds memory per actor.
-    prefetch_batches: int = 2
+    # Batches a background thread decodes ahead of the model (bounds memory per actor). 0 decodes
+    # inline, between model calls. null: 2 on a GPU, whose waits the decoder fills; 0 on CPU, where
+    # torch's threads already use every core the actor has and a decode thread would stall them.
+    prefetch_batches: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -111,8 +113,8 @@ def validate(cfg: dict[str, Any]) -> None:
         problems.append(f"frame_stride must be >= 1, got {cfg['frame_stride']}")
     if not 0.0 <= cfg["score_threshold"] <= 1.0:
         problems.append(f"score_threshold must be within [0, 1], got {cfg['score_threshold']}")
-    if cfg["prefetch_batches"] < 1:
-        problems.append(f"prefetch_batches must be >= 1, got {cfg['prefetch_batches']}")
+    if cfg["prefetch_batches"] is not None and cfg["prefetch_batches"] < 0:
+        problems.append(f"prefetch_batches must be >= 0 or null, got {cfg['prefetch_batches']}")
     if cfg["output"]["commit_every_frames"] < 1:
         problems.append("output.commit_every_frames must be >= 1")
     ray_cfg = cfg["ray"]

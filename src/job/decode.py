@@ -85,12 +85,13 @@ def iter_batches(
     decoder: str = "decord",
     progress: DecodeProgress | None = None,
     window_frames: int | None = None,
+    threads: int = 1,
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, index >= start_frame).
 
     `progress` (if given) ends up with the number of decodable frames and, if decoding stopped
     early on damaged data, the reason. `window_frames` overrides how many frames decord decodes
-    per reader (see `_decord_frames`).
+    per reader (see `_decord_frames`); `threads` is how many the decoder may use.
     """
     progress = progress if progress is not None else DecodeProgress()
 
@@ -98,10 +99,10 @@ def iter_batches(
         return index >= start_frame and index % frame_stride == 0
 
     if decoder == "pyav" or info.rotation != 0:
-        frames = _pyav_frames(path, info.rotation, wanted, progress)
+        frames = _pyav_frames(path, info.rotation, wanted, progress, threads)
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
-        frames = _decord_frames(path, wanted, start_frame, window, progress)
+        frames = _decord_frames(path, wanted, start_frame, window, progress, threads)
     batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8)
     indices: list[int] = []
     for index, frame in frames:
@@ -160,7 +161,7 @@ DECORD_WINDOW_BYTES = 128 * 2**20
 
 
 def _decord_frames(
-    path: str, wanted: Callable[[int], bool], start: int, window: int, progress: DecodeProgress
+    path: str, wanted: Callable[[int], bool], start: int, window: int, progress: DecodeProgress, threads: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, frame) for the wanted frames, read sequentially with next() in bounded windows.
 
@@ -177,7 +178,7 @@ def _decord_frames(
         held: list[tuple[int, torch.Tensor]] = []
         finished = False
         try:
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
         except Exception as exc:  # decord raises bare RuntimeError/DECORDError with C++ context
             raise VideoError(f"decord cannot open the video: {_first_line(exc)}") from exc
         try:
@@ -209,12 +210,13 @@ def _decord_frames(
 
 
 def _pyav_frames(
-    path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress
+    path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     turns = _quarter_turns(rotation)
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.thread_count = threads
         frames = container.decode(stream)
         while True:
             try:

@@ -1,7 +1,10 @@
 """One video through decode -> detect -> write, with resume; knows nothing of Ray.
 
-Decoding runs in a background thread feeding a bounded queue so the model never waits on the
-decoder (and memory stays at `prefetch_batches` batches whatever the video's length).
+On a GPU, decoding runs in a background thread feeding a bounded queue so the GPU never waits on
+the decoder (memory stays at `prefetch_batches` batches whatever the video's length). On CPU the
+model's threads already fill every core the actor has: a decode thread beside them stalls torch's
+thread pool at each barrier (measured: 40 vs 48 frames/s on 2 cores), so batches are decoded
+inline, by all the cores, between model calls.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from job import write
 from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
@@ -75,8 +79,9 @@ def _process_local(
     progress = DecodeProgress()
     failure = None
     try:
-        batches = iter_batches(path, info, cfg["batch_size"], stride, start, cfg["decoder"], progress)
-        for batch in prefetch(batches, cfg["prefetch_batches"]):
+        batches = iter_batches(path, info, cfg["batch_size"], stride, start, cfg["decoder"], progress,
+                               threads=torch.get_num_threads())
+        for batch in prefetch(batches, _prefetch_depth(cfg, detector)):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
         committer.flush()
@@ -114,8 +119,20 @@ def _new_row(video: Video, detector: Detector, attempts: int) -> dict[str, Any]:
     }
 
 
+def _prefetch_depth(cfg: dict[str, Any], detector: Detector) -> int:
+    if cfg["prefetch_batches"] is not None:
+        return cfg["prefetch_batches"]
+    return 2 if detector.device.type == "cuda" else 0
+
+
 def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate `iterable` in a background thread, at most `depth` items ahead of the consumer."""
+    """Iterate `iterable` in a background thread, at most `depth` items ahead of the consumer.
+
+    depth 0: no thread, items are produced in the consumer's thread as it asks for them.
+    """
+    if depth == 0:
+        yield from iterable
+        return
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
