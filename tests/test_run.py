@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -189,3 +190,20 @@ def test_disk_full_stops_with_a_clear_error_and_keeps_committed_parts(awkward_di
     assert committed, "some parts should have landed before the disk filled"
     for part in committed:  # what landed is whole
         pl.read_parquet(part)
+
+
+def test_an_embedded_ray_gives_every_worker_one_malloc_arena_and_leaves_the_driver_env_alone():
+    """Actors then reuse Ray's prestarted workers (no runtime_env) and still get the setting."""
+    script = """
+import os, ray
+from job import run
+assert run._init_ray({"address": None, "num_cpus": 1})
+assert run._ray_has_worker_env and "MALLOC_ARENA_MAX" not in os.environ
+print(ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote()))
+run._shutdown_ray()
+assert not run._ray_has_worker_env
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MALLOC_ARENA_MAX")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"
