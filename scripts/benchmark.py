@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from report import machine_line, publish
 
+from job.detect import Detector
+from job.process import batch_size as job_batch_size
 from job.samples import calibrated_state_dict, scene, write_video
 
 MODEL = "ssdlite320_mobilenet_v3_large"
@@ -119,10 +121,7 @@ def decode_only(videos: list[Path], batch_size: int) -> tuple[float, list[torch.
     return time.monotonic() - started, batches
 
 
-def model_only(batches: list[torch.Tensor], weights: Path, threshold: float) -> float:
-    from job.detect import Detector
-
-    detector = Detector(MODEL, str(weights), threshold, device="cpu")
+def model_only(batches: list[torch.Tensor], detector) -> float:
     detector(batches[0])  # warm-up, as the job's actors are warm after the first batch
     started = time.monotonic()
     for batch in batches:
@@ -136,7 +135,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=2, help="number of 1280x720 videos")
     parser.add_argument("--frames", type=int, default=120, help="frames per video")
     parser.add_argument("--threshold", type=float, default=0.2)
-    parser.add_argument("--batch-size", type=int, default=8, help="the job's batch_size")
+    parser.add_argument("--batch-size", type=int, help="the job's batch_size (default: the job's default)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ray_data", "temp_file"])
     parser.add_argument("--out", type=Path, help="append a markdown report here")
     args = parser.parse_args()
@@ -152,9 +151,13 @@ def main() -> None:
         weights = tmp / "weights.pth"
         torch.save(calibrated_state_dict(MODEL, [scene(k, 640, 272) for k in range(0, 48, 4)]), weights)
 
+        # The model exactly as the job's actors configure it, with the job's batch size.
+        detector = Detector(MODEL, str(weights), args.threshold, device="cpu")
+        batch_size = job_batch_size({"batch_size": args.batch_size}, detector)
+
         seconds = {}
         seconds["job"], seconds["job_steady"] = run_job(video_dir, tmp / "out-job", weights, args.threshold,
-                                                        [f"batch_size={args.batch_size}"])
+                                                        [f"batch_size={batch_size}"])
         print("job", round(seconds["job"], 1), flush=True)
         if "ray_data" not in args.skip:
             seconds["ray_data"] = run_ray_data(video_dir, tmp / "out-ray-data", weights, args.threshold, tmp)
@@ -162,8 +165,8 @@ def main() -> None:
         if "temp_file" not in args.skip:
             seconds["temp_file"] = run_temp_file_loop(videos, weights, args.threshold, tmp)
             print("temp_file", round(seconds["temp_file"], 1), flush=True)
-        seconds["decode_only"], batches = decode_only(videos, args.batch_size)
-        seconds["model_only"] = model_only(batches, weights, args.threshold)
+        seconds["decode_only"], batches = decode_only(videos, batch_size)
+        seconds["model_only"] = model_only(batches, detector)
 
     fps = {name: total / s for name, s in seconds.items()}
     labels = {
@@ -178,10 +181,10 @@ def main() -> None:
         f"## Throughput: {time.strftime('%Y-%m-%d')}",
         "",
         f"Command: `python scripts/benchmark.py --small {args.small} --large {args.large} --frames {args.frames} "
-        f"--threshold {args.threshold} --batch-size {args.batch_size}`",
+        f"--threshold {args.threshold}" + (f" --batch-size {args.batch_size}`" if args.batch_size else "`"),
         machine_line(),
         f"Input: {args.small} x 640x272 and {args.large} x 1280x720 videos, {args.frames} frames each "
-        f"({total} frames); {MODEL}, score_threshold={args.threshold}",
+        f"({total} frames); {MODEL}, score_threshold={args.threshold}, batch_size={batch_size}",
         "",
         "| pipeline | seconds | frames/s | our job is (which figure) |",
         "| --- | --- | --- | --- |",

@@ -18,7 +18,8 @@ def test_defaults_compose_to_the_documented_values():
     assert cfg["model"]["weights"] == "DEFAULT"
     assert cfg["device"] == "auto"
     assert cfg["ray"]["address"] is None
-    assert (cfg["batch_size"], cfg["frame_stride"], cfg["score_threshold"]) == (8, 1, 0.5)
+    assert (cfg["batch_size"], cfg["frame_stride"], cfg["score_threshold"]) == (None, 1, 0.5)
+    assert cfg["prefetch_batches"] is None
     validate(cfg)
 
 

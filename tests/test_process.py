@@ -129,6 +129,21 @@ def test_inline_and_threaded_decoding_commit_the_same_detections(tmp_path, make_
     assert predictions(tmp_path / "out0").equals(predictions(tmp_path / "out2"))
 
 
+def test_null_batch_size_and_prefetch_follow_the_device(tmp_path, make_cfg, detector):
+    from types import SimpleNamespace
+
+    import torch
+
+    from job.process import _prefetch_depth, batch_size
+
+    cfg = make_cfg(tmp_path, "batch_size=null", "prefetch_batches=null")
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert (batch_size(cfg, detector), _prefetch_depth(cfg, detector)) == (4, 0)
+    assert (batch_size(cfg, gpu), _prefetch_depth(cfg, gpu)) == (16, 2)
+    explicit = make_cfg(tmp_path, "batch_size=7", "prefetch_batches=3")
+    assert (batch_size(explicit, gpu), _prefetch_depth(explicit, detector)) == (7, 3)
+
+
 def test_videos_table_rows_are_typed(tmp_path, make_cfg, detector):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "empty.mp4").write_bytes(b"")

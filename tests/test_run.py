@@ -207,3 +207,22 @@ assert not run._ray_has_worker_env
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_progress_is_batched_and_nothing_is_lost_at_the_end(ray_session):
+    import ray
+
+    from job.run import ProgressCounter, _BatchedProgress
+
+    counter = ProgressCounter.options(num_cpus=0).remote()
+    report = _BatchedProgress(counter, interval=3600)
+    for _ in range(10):
+        report(4, 0)
+    report(0, 100)
+    assert ray.get(counter.read.remote()) == (0, 0)  # held back, not one call per batch
+    report.flush()
+    assert ray.get(counter.read.remote()) == (40, 100)
+    eager = _BatchedProgress(counter, interval=0)
+    eager(2, 0)
+    assert ray.get(counter.read.remote()) == (42, 100)
+    ray.kill(counter)

@@ -148,17 +148,18 @@ class Detector:
         height, width = frames.shape[1:3]
         if self.device.type == "cuda":
             frames = frames.pin_memory().to(self.device, non_blocking=True)
-        # uint8 -> float on the device; then either our batched resize+normalise (SSD) or the
-        # model's own per-image transform.
-        images = frames.permute(0, 3, 1, 2).float()
-        images = prepare_batch(self.model, images) if self._fast_ssd else images.div_(255.0)
-        images = images.contiguous(memory_format=torch.channels_last)
+        # uint8 -> float on the device, a frame at a time (see prepare_batch); then either our
+        # batched resize+normalise (SSD) or the model's own per-image transform.
+        if self._fast_ssd:
+            images = list(prepare_batch(self.model, frames))
+        else:
+            images = [f.permute(2, 0, 1).float().div_(255.0) for f in frames]
         with self._autocast:
-            outputs = self.model(list(images))
+            outputs = self.model(images)
         scale = None
         if self._fast_ssd:  # boxes come back in the resized frame; scale them as torchvision would
-            resized_h, resized_w = images.shape[-2:]
-            scale = torch.tensor([width / resized_w, height / resized_h] * 2, device=images.device)
+            resized_h, resized_w = images[0].shape[-2:]
+            scale = torch.tensor([width / resized_w, height / resized_h] * 2, device=frames.device)
         results = []
         for out in outputs:
             keep = out["scores"] >= self.score_threshold

@@ -79,7 +79,7 @@ def _process_local(
     progress = DecodeProgress()
     failure = None
     try:
-        batches = iter_batches(path, info, cfg["batch_size"], stride, start, cfg["decoder"], progress,
+        batches = iter_batches(path, info, batch_size(cfg, detector), stride, start, cfg["decoder"], progress,
                                threads=torch.get_num_threads())
         for batch in prefetch(batches, _prefetch_depth(cfg, detector)):
             committer.add(batch, detector(batch.frames))
@@ -117,6 +117,13 @@ def _new_row(video: Video, detector: Detector, attempts: int) -> dict[str, Any]:
         # Whether a rerun should try again: not for facts about the file, yes for crashes and bugs.
         "retryable": False,
     }
+
+
+def batch_size(cfg: dict[str, Any], detector: Detector) -> int:
+    """cfg's batch_size, or the device's default when it is null (see config.JobConfig)."""
+    if cfg["batch_size"] is not None:
+        return cfg["batch_size"]
+    return 16 if detector.device.type == "cuda" else 4
 
 
 def _prefetch_depth(cfg: dict[str, Any], detector: Detector) -> int:

@@ -68,6 +68,7 @@ class VideoWorker:
         import torch
 
         from job.detect import Detector
+        from job.process import batch_size
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
@@ -77,7 +78,7 @@ class VideoWorker:
         model = cfg["model"]
         self.detector = Detector(model["name"], model["weights"], cfg["score_threshold"], cfg["device"],
                                  model["precision"])
-        self.detector.warm_up(cfg["batch_size"])
+        self.detector.warm_up(batch_size(cfg, self.detector))
 
     def device(self) -> str:
         return str(self.detector.device)
@@ -85,10 +86,33 @@ class VideoWorker:
     def process(self, video: Video, attempts: int) -> dict[str, Any]:
         from job.process import process_video
 
-        def report(done: int, expected: int) -> None:
-            self.progress.add.remote(done, expected)
+        report = _BatchedProgress(self.progress)
+        try:
+            return process_video(video, self.cfg, self.detector, report, attempts)
+        finally:
+            report.flush()
 
-        return process_video(video, self.cfg, self.detector, report, attempts)
+
+class _BatchedProgress:
+    """Sends progress to the counter actor at most every `interval` s instead of once per batch:
+    the bar refreshes once a second anyway, and each remote call costs the actor CPU time."""
+
+    def __init__(self, counter: Any, interval: float = 0.5) -> None:
+        self.counter, self.interval = counter, interval
+        self.done = self.expected = 0
+        self.sent_at = time.monotonic()
+
+    def __call__(self, done: int, expected: int) -> None:
+        self.done += done
+        self.expected += expected
+        if time.monotonic() - self.sent_at >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.done or self.expected:
+            self.counter.add.remote(self.done, self.expected)
+        self.done = self.expected = 0
+        self.sent_at = time.monotonic()
 
 
 @dataclass
