@@ -17,19 +17,24 @@ def awkward(tmp_path_factory):
     return directory, make_awkward_set(directory)
 
 
-def decode_all(path, batch_size=4, stride=1, start=0, decoder="decord"):
+# Both decoders are held to the same behaviour: PyAV (the default) and decord (decoder=decord).
+DECODERS = pytest.mark.parametrize("decoder", ["pyav", "decord"])
+
+
+def decode_all(path, batch_size=4, stride=1, start=0, decoder="pyav"):
     info = probe(str(path))
     progress = DecodeProgress()
     batches = list(iter_batches(str(path), info, batch_size, stride, start, decoder, progress))
     return info, progress, batches
 
 
-def test_every_readable_case_decodes_all_its_frames(awkward):
+@DECODERS
+def test_every_readable_case_decodes_all_its_frames(decoder, awkward):
     directory, cases = awkward
     for rel, expect in cases.items():
         if expect["status"] != "ok":
             continue
-        info, progress, batches = decode_all(directory / rel)
+        info, progress, batches = decode_all(directory / rel, decoder=decoder)
         assert progress.damage is None, rel
         assert progress.frames_decoded == expect["frame_count"], rel
         indices = np.concatenate([b.frame_indices for b in batches])
@@ -41,16 +46,18 @@ def test_every_readable_case_decodes_all_its_frames(awkward):
                 assert getattr(info, key) == expect[key], (rel, key)
 
 
-def test_variable_frame_rate_timestamps_match_written_pts(awkward):
+@DECODERS
+def test_variable_frame_rate_timestamps_match_written_pts(decoder, awkward):
     directory, _ = awkward
-    _, _, batches = decode_all(directory / "vfr.mkv")
+    _, _, batches = decode_all(directory / "vfr.mkv", decoder=decoder)
     stamps = np.concatenate([b.timestamps_s for b in batches])
     np.testing.assert_allclose(stamps, np.asarray(VFR_PTS_MS) / 1000.0, atol=1e-6)
 
 
-def test_vfr_mp4_timestamps_match_written_pts(tmp_path):
+@DECODERS
+def test_vfr_mp4_timestamps_match_written_pts(decoder, tmp_path):
     path = write_video(tmp_path / "vfr.mp4", len(VFR_PTS_MS), size=(64, 48), pts_ms=VFR_PTS_MS)
-    _, _, batches = decode_all(path, batch_size=3, stride=2)
+    _, _, batches = decode_all(path, batch_size=3, stride=2, decoder=decoder)
     stamps = np.concatenate([b.timestamps_s for b in batches])
     np.testing.assert_allclose(stamps, np.asarray(VFR_PTS_MS[::2]) / 1000.0, atol=1e-3)
 
@@ -67,9 +74,10 @@ def test_rotation_is_applied_so_frames_are_as_displayed(tmp_path):
     assert np.abs(frame - wrong_way).mean() > 20
 
 
-def test_frame_stride_and_start_frame(awkward):
+@DECODERS
+def test_frame_stride_and_start_frame(decoder, awkward):
     directory, _ = awkward
-    _, progress, batches = decode_all(directory / "plain.mp4", batch_size=4, stride=7, start=8)
+    _, progress, batches = decode_all(directory / "plain.mp4", batch_size=4, stride=7, start=8, decoder=decoder)
     indices = np.concatenate([b.frame_indices for b in batches]).tolist()
     assert indices == [14, 21, 28]
     assert progress.frames_decoded == 30  # counting continues through skipped frames
@@ -85,9 +93,10 @@ def test_decord_and_pyav_backends_agree(awkward):
     assert np.abs(a - b).mean() < 3
 
 
-def test_truncated_file_decodes_frames_before_the_damage(awkward):
+@DECODERS
+def test_truncated_file_decodes_frames_before_the_damage(decoder, awkward):
     directory, _ = awkward
-    info, progress, batches = decode_all(directory / "truncated.mkv")
+    info, progress, batches = decode_all(directory / "truncated.mkv", decoder=decoder)
     assert 0 < progress.frames_decoded < 120
     assert info.duration_s > 4.0  # the container still promises the whole video
     assert sum(len(b.frame_indices) for b in batches) == progress.frames_decoded
@@ -108,9 +117,10 @@ def test_unreadable_files_raise_a_plain_reason(awkward, rel, message):
         probe(str(directory / rel))
 
 
-def test_batches_never_exceed_batch_size(awkward):
+@DECODERS
+def test_batches_never_exceed_batch_size(decoder, awkward):
     directory, _ = awkward
-    _, _, batches = decode_all(directory / "plain.mp4", batch_size=8)
+    _, _, batches = decode_all(directory / "plain.mp4", batch_size=8, decoder=decoder)
     assert [len(b.frame_indices) for b in batches] == [8, 8, 8, 6]
 
 

@@ -75,7 +75,7 @@ class JobConfig:
     batch_size: int | None = None
     score_threshold: float = 0.5
     frame_stride: int = 1
-    decoder: Decoder = Decoder.decord
+    decoder: Decoder = Decoder.pyav
     # Batches a background thread decodes ahead of the model (bounds memory per actor). 0 decodes
     # inline, between model calls. null: 2 on a GPU, whose waits the decoder fills; 0 on CPU, where
     # torch's threads already use every core the actor has and a decode thread would stall them.

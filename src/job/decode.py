@@ -1,10 +1,16 @@
 """One video -> a stream of fixed-size frame batches, with each frame's index and timestamp.
 
-decord does the decoding. PyAV supplies what decord gets wrong or does not report: the
+PyAV decodes by default, and always supplies what decord gets wrong or does not report: the
 stream's real presentation timestamps (decord's are wrong in some containers), the rotation
-from the display matrix, the codec name and the container's own frame count. decord 0.6.0
-returns corrupt 4-channel buffers for streams with a rotation, so those are decoded with PyAV
-(and `decoder=pyav` forces PyAV for every video).
+from the display matrix, the codec name and the container's own frame count.
+
+Why PyAV rather than decord for the frames (decord stays available as `decoder=decord`): a
+decord 0.6.0 reader left idle while the model runs keeps decoding ahead without limit
+(dmlc/decord#157: a whole 720p video in memory), so our decord path must close its reader after
+every ~128 MB of frames and seek back, re-decoding from the previous keyframe each time. PyAV
+decodes only what it is asked for, so it streams a video once: 2-3x less decode time than the
+decord path on 720p (benchmarks/throughput.md). decord 0.6.0 also returns corrupt 4-channel
+buffers for rotated streams, which therefore always go through PyAV.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 
 class VideoError(Exception):
@@ -82,7 +89,7 @@ def iter_batches(
     batch_size: int,
     frame_stride: int = 1,
     start_frame: int = 0,
-    decoder: str = "decord",
+    decoder: str = "pyav",
     progress: DecodeProgress | None = None,
     window_frames: int | None = None,
     threads: int = 1,
@@ -213,6 +220,10 @@ def _pyav_frames(
     path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     turns = _quarter_turns(rotation)
+    # One reformatter for the whole stream keeps its swscale context; frame.to_ndarray() builds a
+    # new one per frame (measured 3-4x slower at 640x272). One conversion thread: PyAV 17+ otherwise
+    # starts one per CPU, which measured slower here; the decoder has its own threads.
+    to_rgb = VideoReformatter()
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -230,7 +241,7 @@ def _pyav_frames(
             progress.frames_decoded += 1
             if not wanted(index):
                 continue
-            rgb = frame.to_ndarray(format="rgb24")
+            rgb = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
             yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
 
 
