@@ -8,7 +8,7 @@ times in one run:
   2. Ray Data as users write it: read_videos -> map_batches(Detector, batch_size=16, concurrency=1)
      -> write_parquet, the model at torchvision's default settings, filtered by score afterwards;
   3. the seed app's loop: each frame written to a temporary JPEG, read back, model([image]);
-  4. decode only (our decord path, same frames);
+  4. decode only (same frames; PyAV, the job's default decoder, and our decord path);
   5. model only (same frames already in memory, the model configured exactly as the job does).
 Weights: a seeded model calibrated on the frames (offline); speed does not depend on the values.
 """
@@ -111,14 +111,14 @@ def run_temp_file_loop(videos: list[Path], weights: Path, threshold: float, tmp:
     return time.monotonic() - started
 
 
-def decode_only(videos: list[Path], batch_size: int) -> tuple[float, list[torch.Tensor]]:
+def decode_only(videos: list[Path], batch_size: int, decoder: str) -> tuple[float, list[torch.Tensor]]:
     from job.decode import iter_batches, probe
 
     started = time.monotonic()
     batches = []
     for video in videos:
         info = probe(str(video))
-        batches.extend(b.frames for b in iter_batches(str(video), info, batch_size))
+        batches.extend(b.frames for b in iter_batches(str(video), info, batch_size, decoder=decoder))
     return time.monotonic() - started, batches
 
 
@@ -168,7 +168,8 @@ def main() -> None:
                                                     args.threshold, tmp)
             if "temp_file" not in args.skip:
                 measured["temp_file"] = run_temp_file_loop(videos, weights, args.threshold, tmp)
-            measured["decode_only"], batches = decode_only(videos, batch_size)
+            measured["decode_decord"], _ = decode_only(videos, batch_size, "decord")
+            measured["decode_only"], batches = decode_only(videos, batch_size, "pyav")
             measured["model_only"] = model_only(batches, detector)
             del batches
             for name, value in measured.items():
@@ -182,7 +183,8 @@ def main() -> None:
         "job_steady": "our job after start-up (actors ready to last video written)",
         "ray_data": "Ray Data: read_videos -> map_batches(batch_size=16, concurrency=1) -> write_parquet",
         "temp_file": "seed loop: frame -> temp JPEG -> model([image])",
-        "decode_only": "decode only (our decord path)",
+        "decode_only": "decode only (PyAV, the job's default decoder)",
+        "decode_decord": "decode only (our decord path, `decoder=decord`)",
         "model_only": "model only (frames in memory, configured as the job)",
     }
     lines = [
@@ -202,7 +204,7 @@ def main() -> None:
     ]
     for name, value in fps.items():
         # End-to-end pipelines are compared end to end; the in-memory model with the job's steady state.
-        ours = "job_steady" if name in ("model_only", "decode_only") else "job"
+        ours = "job_steady" if name in ("model_only", "decode_only", "decode_decord") else "job"
         ratio = fps[ours] / value
         each = ", ".join(f"{total / s:.1f}" for s in runs[name])
         lines.append(f"| {labels[name]} | {seconds[name]:.1f} | {value:.1f} | {each} | {ratio:.2f}x ({ours}) |")
