@@ -13,7 +13,7 @@ import time
 import boto3
 import polars as pl
 import pytest
-from conftest import THRESHOLD
+from conftest import MODEL, THRESHOLD
 from processes import kill_tree
 
 from job import write
@@ -93,3 +93,18 @@ def test_s3_in_and_out_with_a_kill_and_resume(ray_session, s3, make_cfg, weights
     reference = pl.read_parquet(clean / "videos.parquet").select("path", "status", "frame_count", "detections")
     assert videos.equals(reference)
     assert (tmp_path / "outputs").is_dir()  # Hydra's log goes to a local dir when output_dir is a URI
+
+
+def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3, make_cfg, weights_path, tmp_path):
+    """A missing object fails its own video with the store's reason; the output on disk is untouched."""
+    from job.detect import Detector
+    from job.discover import Video
+    from job.process import process_video
+
+    cfg = make_cfg(f"s3://{BUCKET}/videos", output_dir=tmp_path / "out")
+    detector = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+    gone = Video("gone-0123456789", f"s3://{BUCKET}/videos/gone.mp4", "gone.mp4")
+    row = process_video(gone, cfg, detector)
+    assert (row["status"], row["retryable"]) == ("failed", True)
+    assert row["error"].startswith("cannot fetch the video:") and "gone.mp4" in row["error"]
+    assert write.read_status(tmp_path / "out", gone.video_id) == row

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from job.errors import first_line
+
 
 class VideoError(Exception):
     """A video we cannot read at all; the message is meant for a person."""
@@ -187,7 +189,7 @@ def _decord_frames(
         try:
             reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
         except Exception as exc:  # decord raises bare RuntimeError/DECORDError with C++ context
-            raise VideoError(f"decord cannot open the video: {_first_line(exc)}") from exc
+            raise VideoError(f"decord cannot open the video: {first_line(exc)}") from exc
         try:
             if position:
                 if position >= len(reader):
@@ -206,7 +208,7 @@ def _decord_frames(
                 if progress.frames_decoded - position >= window:
                     break
         except decord.DECORDError as exc:
-            progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {_first_line(exc)}"
+            progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {first_line(exc)}"
             finished = True
         finally:
             del reader
@@ -285,12 +287,9 @@ def _quarter_turns(rotation: float | None) -> int:
 
 
 def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or _first_line(exc)
+    return getattr(exc, "strerror", None) or first_line(exc)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 __all__ = [

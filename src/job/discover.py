@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from job.errors import FetchError
+
 # Containers users hand us in practice; matched case-insensitively.
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -107,7 +109,10 @@ def local_copy(path: str) -> Iterator[str]:
     fs, remote = filesystem_for(path)
     suffix = Path(remote).suffix
     with tempfile.NamedTemporaryFile(suffix=suffix, prefix="job-video-") as local:
-        with fs.open_input_stream(remote) as stream:
-            shutil.copyfileobj(stream, local, length=8 << 20)
-        local.flush()
+        try:
+            with fs.open_input_stream(remote) as stream:
+                shutil.copyfileobj(stream, local, length=8 << 20)
+            local.flush()
+        except OSError as exc:
+            raise FetchError(str(exc)) from exc
         yield local.name

@@ -4,6 +4,16 @@ Kept free of heavy imports so the driver can catch them without loading torch.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (C++ and Ray errors carry pages of context)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+class FetchError(OSError):
+    """An object-store video could not be copied to the worker."""
+
+
 class WeightsError(RuntimeError):
     """The configured weights cannot be loaded; the message says what to pass instead."""
 

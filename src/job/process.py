@@ -27,7 +27,7 @@ from job import write
 from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
 from job.detect import Detector
 from job.discover import Video, local_copy
-from job.errors import OutputWriteError
+from job.errors import FetchError, OutputWriteError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +45,7 @@ def process_video(video: Video, cfg: dict[str, Any], detector: Detector,
     try:
         with local_copy(video.path) as path:
             return _process_local(video, path, cfg, detector, on_progress, attempts)
-    except OSError as exc:  # the object store would not give us the video
+    except FetchError as exc:  # the object store would not give us the video
         row = _new_row(video, detector, attempts)
         row["error"], row["retryable"] = f"cannot fetch the video: {exc}", True
         return _finish(cfg["output_dir"], row, time.monotonic())
@@ -97,7 +97,7 @@ def _process_local(
     frame_count = progress.frames_decoded
     row["frame_count"] = frame_count
     row["frames_processed"] = committer.frames_processed
-    row["detections"] = write.count_detections(output_dir, video.video_id)
+    row["detections"] = committer.detections
     damage = failure or progress.damage or _missing_frames(info, frame_count)
     if damage is None:
         row["status"] = "ok"
@@ -187,6 +187,8 @@ class _PartCommitter:
         self.compression = cfg["output"]["compression"]
         self.end = start  # frames [0, end) are committed
         self.frames_processed = math.ceil(start / cfg["frame_stride"])
+        # Rows in committed parts: an earlier run's, read from their footers once, plus ours.
+        self.detections = write.count_detections(output_dir, video_id) if start else 0
         # Indices, timestamps and detections only: holding the frames would cost a part's worth of pixels.
         self._pending: list[tuple[np.ndarray, np.ndarray, list]] = []
 
@@ -215,6 +217,7 @@ class _PartCommitter:
         except OSError as exc:
             raise OutputWriteError.from_os_error(self.output_dir, exc) from exc
         self.end = end
+        self.detections += rows.height
         self._pending = []
 
 

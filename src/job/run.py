@@ -27,7 +27,7 @@ from tqdm import tqdm
 from job import __version__, write
 from job.config import is_weights_path
 from job.discover import Video, discover_videos
-from job.errors import OutputWriteError, WeightsError
+from job.errors import OutputWriteError, WeightsError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -355,11 +355,11 @@ def _schedule(todo: list[Video], actors: list[Any], cfg: dict[str, Any], progres
                 tries = attempts[video.video_id]
                 if tries < cfg["ray"]["max_video_attempts"]:
                     log.warning("worker died on %s (attempt %d), retrying: %s", video.relative_path, tries,
-                                _first_line(exc))
+                                first_line(exc))
                     queue.append(video)
                 else:
                     reason = (f"the worker process died on this video {tries} times (killed, out of memory or "
-                              f"crashed in the decoder); last: {_first_line(exc)}")
+                              f"crashed in the decoder); last: {first_line(exc)}")
                     yield _failed_row(video, tries, reason, cfg["output_dir"])
                 continue
             idle.append(actor)
@@ -375,7 +375,7 @@ def _root_cause(exc: BaseException) -> str:
     """The line of a Ray error that names the real exception, e.g. `WeightsError: ...`."""
     causes = [line.strip() for line in str(exc).splitlines()
               if re.match(r"^\s*[\w.]*(Error|Exception): ", line) and "ray.exceptions" not in line]
-    return causes[-1] if causes else _first_line(exc)
+    return causes[-1] if causes else first_line(exc)
 
 
 def _failed_row(video: Video, tries: int, reason: str, output_dir: Path) -> dict[str, Any]:
@@ -403,6 +403,3 @@ def _manifest(cfg: dict[str, Any], started_at: datetime, summary: RunSummary) ->
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
