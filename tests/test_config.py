@@ -16,6 +16,7 @@ def test_defaults_compose_to_the_documented_values():
     cfg = compose_config(REQUIRED)
     assert cfg["model"]["name"] == "ssdlite320_mobilenet_v3_large"
     assert cfg["model"]["weights"] == "DEFAULT"
+    assert cfg["model"]["compile"] is False
     assert cfg["device"] == "auto"
     assert cfg["ray"]["address"] is None
     assert (cfg["batch_size"], cfg["frame_stride"], cfg["score_threshold"]) == (None, 1, 0.5)

@@ -187,3 +187,17 @@ def test_vectorised_ssd_postprocess_equals_torchvision(score_thresh, topk):
 def test_batchnorm_is_folded_away(weights_path):
     detector = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.model.modules())
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_detections(weights_path, decoded_frames):
+    """model.compile=true (torch.compile of backbone and head) changes speed, not results."""
+    eager = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+    compiled = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu", compile=True)
+    frames = decoded_frames[:4]
+    found = 0
+    for mine, theirs in zip(compiled(frames), eager(frames)):
+        assert_same_detections(mine, {"boxes": theirs.boxes, "scores": theirs.scores, "labels": theirs.labels},
+                               THRESHOLD)
+        found += len(mine.scores)
+    assert found > 0

@@ -40,6 +40,9 @@ class ModelConfig:
     # such as COCO_V1, or a path to a local state_dict (.pth).
     weights: str = "DEFAULT"
     precision: Precision = Precision.fp32
+    # torch.compile the backbone and head (what runs on fixed-size batches) when the actor starts.
+    # For GPU boxes; on this 2-core CPU it costs ~40 s of start-up and runs no faster.
+    compile: bool = False
 
 
 @dataclass

@@ -124,6 +124,7 @@ class Detector:
         score_threshold: float,
         device: str = "auto",
         precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.score_threshold = score_threshold
@@ -135,6 +136,10 @@ class Detector:
         self._fast_ssd = isinstance(model, SSD) and getattr(model.transform, "fixed_size", None) is not None
         if self._fast_ssd:
             enable_fast_ssd(model)
+        if compile:  # postprocessing has data-dependent shapes: compiling it would only break graphs
+            model.backbone = torch.compile(model.backbone, dynamic=False)
+            if hasattr(model, "head"):  # SSD, RetinaNet, FCOS; Faster R-CNN's heads stay eager
+                model.head = torch.compile(model.head, dynamic=False)
         self._autocast = _autocast(self.device, precision)
 
     def warm_up(self, batch_size: int) -> None:

@@ -77,7 +77,7 @@ class VideoWorker:
         self.progress = ray.get_actor(progress_actor)
         model = cfg["model"]
         self.detector = Detector(model["name"], model["weights"], cfg["score_threshold"], cfg["device"],
-                                 model["precision"])
+                                 model["precision"], model["compile"])
         self.detector.warm_up(batch_size(cfg, self.detector))
 
     def device(self) -> str:
