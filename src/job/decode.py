@@ -290,8 +290,6 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or first_line(exc)
 
 
-
-
 __all__ = [
     "decoder_versions", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
 ]

@@ -113,8 +113,9 @@ class Detector:
 
     Configured for throughput with results unchanged: the score threshold is pushed into the
     model's postprocessing, BatchNorm is folded into the convolutions, activations are
-    channels_last, and SSD models get the whole batch resized and normalised in one call and a
-    vectorised postprocessing (`detect_fast`), with boxes scaled back the way torchvision does.
+    channels_last, and SSD models get their frames resized and normalised before the model (a
+    frame at a time, into one batch tensor) and a vectorised postprocessing (`detect_fast`), with
+    boxes scaled back the way torchvision does.
     """
 
     def __init__(

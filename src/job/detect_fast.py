@@ -1,8 +1,9 @@
 """Exact fast paths for torchvision's SSD family: the same detections with less work per frame.
 
 torchvision's SSD postprocessing loops over 90 classes per image in Python, and its transform
-normalises and resizes image by image. For a fixed-size model fed whole batches, both can be
-done once per batch. `tests/test_detect.py` checks the results against torchvision's own path.
+normalises full-size float images before resizing them. For a fixed-size model, postprocessing
+can be vectorised, and each frame resized first and normalised at the model's size, written
+straight into the batch. `tests/test_detect.py` checks the results against torchvision's own path.
 """
 
 from __future__ import annotations
