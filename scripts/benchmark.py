@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from report import machine_line, publish
 
+from job.config import JobConfig, for_device
 from job.detect import Detector
-from job.process import batch_size as job_batch_size
 from job.samples import calibrated_state_dict, scene, write_video
 
 MODEL = "ssdlite320_mobilenet_v3_large"
@@ -72,10 +72,10 @@ ds.map_batches(Detector, batch_size=16, concurrency=1).write_parquet(out)
 MODEL_IN_ACTOR = r'''
 import os, sys, time
 import ray
-from job.run import WORKER_ENV
+from job.execute import WORKER_ENV_VARS
 
 video_dir, weights, threshold, batch_size = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-os.environ.update(WORKER_ENV["env_vars"])
+os.environ.update(WORKER_ENV_VARS)
 ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
 
 
@@ -198,7 +198,7 @@ def main() -> None:
 
         # The model exactly as the job's actors configure it, with the job's batch size.
         detector = Detector(MODEL, str(weights), args.threshold, device="cpu")
-        batch_size = job_batch_size({"batch_size": args.batch_size}, detector)
+        batch_size = for_device(JobConfig(batch_size=args.batch_size), detector.device.type).batch_size
 
         # Rounds interleave the pipelines so that a slow spell of a shared machine hits all of them.
         runs: dict[str, list[float]] = {}

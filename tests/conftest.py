@@ -8,9 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-from job.config import register_configs
+from job.config import JobConfig, load, register_configs
 from job.samples import calibrated_state_dict, scene
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -30,12 +29,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def compose_config(overrides: list[str]) -> dict:
+def compose_config(overrides: list[str]) -> JobConfig:
+    """The typed settings `python -m job` would run with these overrides (checked as the CLI does)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     GlobalHydra.instance().clear()
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
+    return load(cfg)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def weights_path(tmp_path_factory) -> Path:
 def make_cfg(tmp_path, weights_path):
     """Config for a test: outputs under tmp_path, CPU, offline weights, two 1-CPU actors."""
 
-    def make(video_dir: Path, *overrides: str, output_dir: Path | None = None) -> dict:
+    def make(video_dir: Path, *overrides: str, output_dir: Path | None = None) -> JobConfig:
         return compose_config(
             [
                 f"video_dir={video_dir}",

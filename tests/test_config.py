@@ -7,26 +7,27 @@ from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from job.config import validate
+from job.config import Device, for_device
+from job.errors import ConfigError
 
 REQUIRED = ["video_dir=/v", "output_dir=/o"]
 
 
 def test_defaults_compose_to_the_documented_values():
     cfg = compose_config(REQUIRED)
-    assert cfg["model"]["name"] == "ssdlite320_mobilenet_v3_large"
-    assert cfg["model"]["weights"] == "DEFAULT"
-    assert cfg["model"]["compile"] is False
-    assert cfg["device"] == "auto"
-    assert cfg["ray"]["address"] is None
-    assert (cfg["batch_size"], cfg["frame_stride"], cfg["score_threshold"]) == (None, 1, 0.5)
-    assert cfg["prefetch_batches"] is None
-    validate(cfg)
+    assert cfg.model.name == "ssdlite320_mobilenet_v3_large"
+    assert cfg.model.weights == "DEFAULT"
+    assert cfg.model.compile is False
+    assert cfg.device == Device.auto
+    assert cfg.ray.address is None
+    assert (cfg.batch_size, cfg.frame_stride, cfg.score_threshold) == (None, 1, 0.5)
+    assert cfg.prefetch_batches is None
+    assert cfg.output.commit_every_frames == 512
 
 
 @pytest.mark.parametrize("model", ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"])
 def test_model_group_selects_a_preset(model):
-    assert compose_config([*REQUIRED, f"model={model}"])["model"]["name"] == model
+    assert compose_config([*REQUIRED, f"model={model}"]).model.name == model
 
 
 @pytest.mark.parametrize(
@@ -52,6 +53,16 @@ def test_missing_video_dir_is_an_error():
 
 
 @pytest.mark.parametrize("override", ["frame_stride=0", "batch_size=0", "score_threshold=1.5", "ray.num_actors=0"])
-def test_validate_rejects_impossible_values(override):
-    with pytest.raises(ValueError, match=override.split("=")[0]):
-        validate(compose_config([*REQUIRED, override]))
+def test_impossible_values_are_rejected_when_loaded(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        compose_config([*REQUIRED, override])
+
+
+def test_null_batch_size_and_prefetch_are_resolved_once_for_the_device():
+    cfg = compose_config([*REQUIRED, "batch_size=null", "prefetch_batches=null"])
+    cpu, gpu = for_device(cfg, "cpu"), for_device(cfg, "cuda")
+    assert (cpu.batch_size, cpu.prefetch_batches) == (4, 0)
+    assert (gpu.batch_size, gpu.prefetch_batches) == (16, 2)
+    explicit = for_device(compose_config([*REQUIRED, "batch_size=7", "prefetch_batches=3"]), "cuda")
+    assert (explicit.batch_size, explicit.prefetch_batches) == (7, 3)
+    assert cfg.batch_size is None, "resolving returns a copy"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from job.discover import discover_videos, video_id_for
+from job.errors import VideoDirError
 
 
 def test_finds_videos_recursively_by_extension_any_case(tmp_path):
@@ -32,5 +33,5 @@ def test_ids_are_stable_unique_and_never_numeric():
 
 
 def test_missing_video_dir_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="video_dir="):
+    with pytest.raises(VideoDirError, match="video_dir="):
         discover_videos(tmp_path / "nope")

@@ -8,10 +8,17 @@ import polars as pl
 import pytest
 
 from job import write
+from job.config import for_device
 from job.detect import Detector
 from job.discover import discover_videos
 from job.process import prefetch, process_video
 from job.samples import write_video
+from job.write import OutputDir
+
+
+def process(video, cfg, detector, **kwargs):
+    """process_video as an actor calls it: settings resolved for the device, one OutputDir."""
+    return process_video(video, for_device(cfg, detector.device.type), OutputDir(cfg.output_dir), detector, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +41,34 @@ def predictions(out):
 def test_stride_processes_every_nth_frame(tmp_path, make_cfg, detector, stride):
     write_video(tmp_path / "in" / "v.mp4", 23, size=(320, 240))
     cfg = make_cfg(tmp_path / "in", f"frame_stride={stride}")
-    row = process_video(only_video(tmp_path / "in"), cfg, detector)
-    assert row["status"] == "ok", row
-    assert row["frame_count"] == 23
-    assert row["frames_processed"] == math.ceil(23 / stride)
-    table = predictions(cfg["output_dir"])
-    assert table.height == row["detections"] > 0
+    row = process(only_video(tmp_path / "in"), cfg, detector)
+    assert row.status == "ok", row
+    assert row.frame_count == 23
+    assert row.frames_processed == math.ceil(23 / stride)
+    table = predictions(cfg.output_dir)
+    assert table.height == row.detections > 0
     assert set(table["frame_index"].unique()) <= set(range(0, 23, stride))
-    assert write.read_status(tmp_path / "out", row["video_id"]) == row
+    assert OutputDir(tmp_path / "out").read_status(row.video_id) == row
 
 
 def test_resume_from_committed_parts_equals_a_clean_run(tmp_path, make_cfg, detector):
     write_video(tmp_path / "in" / "v.mp4", 40, size=(320, 240))
     video = only_video(tmp_path / "in")
     clean = make_cfg(tmp_path / "in", "output.commit_every_frames=8", output_dir=tmp_path / "clean")
-    process_video(video, clean, detector)
+    process(video, clean, detector)
 
     resumed = make_cfg(tmp_path / "in", "output.commit_every_frames=8", output_dir=tmp_path / "resumed")
     # Simulate a run killed after its first two parts: keep only those.
-    process_video(video, resumed, detector)
-    parts = sorted(write.partition_dir(tmp_path / "resumed", video.video_id).glob("part-*.parquet"))
+    process(video, resumed, detector)
+    parts = sorted((tmp_path / "resumed" / write.partition(video.video_id)).glob("part-*.parquet"))
     assert len(parts) == 5
     for part in parts[2:]:
         part.unlink()
-    assert write.committed_end(tmp_path / "resumed", video.video_id) == 16
+    assert OutputDir(tmp_path / "resumed").committed_end(video.video_id) == 16
     calls = []
-    row = process_video(video, resumed, detector, on_progress=lambda done, expected: calls.append(done))
+    row = process(video, resumed, detector, on_progress=lambda done, expected: calls.append(done))
     assert sum(calls) == 40 - 16  # only the uncommitted frames were detected again
-    assert row["status"] == "ok" and row["frames_processed"] == 40
+    assert row.status == "ok" and row.frames_processed == 40
     assert predictions(tmp_path / "resumed").equals(predictions(tmp_path / "clean"))
 
 
@@ -71,13 +78,13 @@ def test_truncated_video_is_partial_with_frames_before_the_damage(tmp_path, make
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "cut.mkv").write_bytes(data[: len(data) // 2])
     cfg = make_cfg(tmp_path / "in")
-    row = process_video(only_video(tmp_path / "in"), cfg, detector)
-    assert row["status"] == "partial"
-    assert "truncated" in row["error"]
-    assert 0 < row["frame_count"] < 100
+    row = process(only_video(tmp_path / "in"), cfg, detector)
+    assert row.status == "partial"
+    assert "truncated" in row.error
+    assert 0 < row.frame_count < 100
     # Every decodable frame was detected and committed, none past the damage.
-    assert write.committed_end(tmp_path / "out", row["video_id"]) == row["frame_count"]
-    assert row["frames_processed"] == row["frame_count"]
+    assert OutputDir(tmp_path / "out").committed_end(row.video_id) == row.frame_count
+    assert row.frames_processed == row.frame_count
 
 
 def test_prefetch_is_bounded_and_propagates_errors():
@@ -123,33 +130,18 @@ def test_inline_and_threaded_decoding_commit_the_same_detections(tmp_path, make_
     for depth in (0, 2):
         cfg = make_cfg(tmp_path / "in", f"prefetch_batches={depth}", "batch_size=4",
                        output_dir=tmp_path / f"out{depth}")
-        rows[depth] = process_video(video, cfg, detector)
-        assert rows[depth]["status"] == "ok" and rows[depth]["frames_processed"] == 30
-    assert rows[0]["detections"] == rows[2]["detections"] > 0
+        rows[depth] = process(video, cfg, detector)
+        assert rows[depth].status == "ok" and rows[depth].frames_processed == 30
+    assert rows[0].detections == rows[2].detections > 0
     assert predictions(tmp_path / "out0").equals(predictions(tmp_path / "out2"))
-
-
-def test_null_batch_size_and_prefetch_follow_the_device(tmp_path, make_cfg, detector):
-    from types import SimpleNamespace
-
-    import torch
-
-    from job.process import _prefetch_depth, batch_size
-
-    cfg = make_cfg(tmp_path, "batch_size=null", "prefetch_batches=null")
-    gpu = SimpleNamespace(device=torch.device("cuda", 0))
-    assert (batch_size(cfg, detector), _prefetch_depth(cfg, detector)) == (4, 0)
-    assert (batch_size(cfg, gpu), _prefetch_depth(cfg, gpu)) == (16, 2)
-    explicit = make_cfg(tmp_path, "batch_size=7", "prefetch_batches=3")
-    assert (batch_size(explicit, gpu), _prefetch_depth(explicit, detector)) == (7, 3)
 
 
 def test_videos_table_rows_are_typed(tmp_path, make_cfg, detector):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "empty.mp4").write_bytes(b"")
     cfg = make_cfg(tmp_path / "in")
-    row = process_video(only_video(tmp_path / "in"), cfg, detector)
-    write.write_videos_table(tmp_path / "out", [row])
+    row = process(only_video(tmp_path / "in"), cfg, detector)
+    OutputDir(tmp_path / "out").write_videos_table([row])
     table = pl.read_parquet(tmp_path / "out" / "videos.parquet")
     assert table.row(0, named=True)["status"] == "failed"
     assert table.row(0, named=True)["error"] == "empty file (0 bytes)"

@@ -12,7 +12,8 @@ import pytest
 from media import make_awkward_set
 
 from job import write
-from job.run import _actor_plan, run
+from job.errors import SettingsMismatchError
+from job.run import run
 
 pytestmark = pytest.mark.slow
 
@@ -81,25 +82,8 @@ def test_awkward_and_bad_inputs_are_recorded_and_do_not_stop_the_run(ray_session
     assert table(tmp_path / "out").equals(videos.sort("path"))
     assert all_predictions(tmp_path / "out").equals(preds)
 
-    with pytest.raises(write.SettingsMismatchError, match="score_threshold"):
+    with pytest.raises(SettingsMismatchError, match="score_threshold"):
         run(make_cfg(directory, "frame_stride=2", "score_threshold=0.3"))
-
-
-def test_actor_plan_follows_declared_resources(monkeypatch, make_cfg, tmp_path):
-    import job.run as run_module
-
-    def plan(resources, *overrides):
-        monkeypatch.setattr(run_module.ray, "cluster_resources", lambda: resources)
-        cfg = make_cfg(tmp_path, "ray.num_actors=null", "ray.cpus_per_actor=2", *overrides)
-        return _actor_plan(cfg)
-
-    assert plan({"CPU": 16.0, "GPU": 4.0}, "device=auto") == (4, 2, 1.0)
-    assert plan({"CPU": 16.0, "GPU": 4.0}, "device=auto", "ray.gpus_per_actor=0.5") == (8, 2, 0.5)
-    assert plan({"CPU": 4.0, "GPU": 4.0}, "device=auto") == (4, 1.0, 1.0)  # CPUs shared, never over-asked
-    assert plan({"CPU": 16.0, "GPU": 4.0}, "device=cpu") == (8, 2, 0.0)
-    assert plan({"CPU": 2.0}, "device=auto") == (1, 2, 0.0)
-    with pytest.raises(RuntimeError, match="no GPUs"):
-        plan({"CPU": 8.0}, "device=cuda")
 
 
 def test_cli_runs_with_hydra_overrides_and_logs_a_summary(awkward_dir, weights_path, tmp_path):
@@ -196,12 +180,12 @@ def test_an_embedded_ray_gives_every_worker_one_malloc_arena_and_leaves_the_driv
     """Actors then reuse Ray's prestarted workers (no runtime_env) and still get the setting."""
     script = """
 import os, ray
-from job import run
-assert run._init_ray({"address": None, "num_cpus": 1})
-assert run._ray_has_worker_env and "MALLOC_ARENA_MAX" not in os.environ
-print(ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote()))
-run._shutdown_ray()
-assert not run._ray_has_worker_env
+from job.config import RayConfig
+from job.execute import RayRuntime
+with RayRuntime(RayConfig(num_cpus=1)) as runtime:
+    assert runtime.started and runtime.actor_runtime_env is None and "MALLOC_ARENA_MAX" not in os.environ
+    print(ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote()))
+assert not ray.is_initialized()
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MALLOC_ARENA_MAX")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
@@ -212,17 +196,17 @@ assert not run._ray_has_worker_env
 def test_progress_is_batched_and_nothing_is_lost_at_the_end(ray_session):
     import ray
 
-    from job.run import ProgressCounter, _BatchedProgress
+    from job.execute import BatchedProgress, ProgressCounter
 
     counter = ProgressCounter.options(num_cpus=0).remote()
-    report = _BatchedProgress(counter, interval=3600)
+    report = BatchedProgress(counter, interval=3600)
     for _ in range(10):
         report(4, 0)
     report(0, 100)
     assert ray.get(counter.read.remote()) == (0, 0)  # held back, not one call per batch
     report.flush()
     assert ray.get(counter.read.remote()) == (40, 100)
-    eager = _BatchedProgress(counter, interval=0)
+    eager = BatchedProgress(counter, interval=0)
     eager(2, 0)
     assert ray.get(counter.read.remote()) == (42, 100)
     ray.kill(counter)

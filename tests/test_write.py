@@ -9,6 +9,9 @@ import polars as pl
 import pytest
 
 from job import write
+from job.errors import OutputNotWritableError, SettingsMismatchError
+from job.storage import Store, atomic_write
+from job.write import OutputDir, VideoStatus
 
 
 def rows(n, start=0):
@@ -20,14 +23,15 @@ def rows(n, start=0):
 
 
 def test_parts_chain_and_resume_point(tmp_path):
-    assert write.committed_end(tmp_path, "v-1") == 0
-    write.commit_part(tmp_path, "v-1", 0, 10, rows(10), "zstd")
-    write.commit_part(tmp_path, "v-1", 10, 25, rows(15, 10), "zstd")
-    assert write.committed_end(tmp_path, "v-1") == 25
-    directory = write.partition_dir(tmp_path, "v-1")
+    out = OutputDir(tmp_path)
+    assert out.committed_end("v-1") == 0
+    out.commit_part("v-1", 0, 10, rows(10), "zstd")
+    out.commit_part("v-1", 10, 25, rows(15, 10), "zstd")
+    assert out.committed_end("v-1") == 25
+    directory = tmp_path / write.partition("v-1")
     (directory / ".part-0000000025-0000000030.parquet.abc.tmp").write_bytes(b"torn")
-    write.commit_part(tmp_path, "v-1", 40, 50, rows(10, 40), "zstd")  # a gap: must not be trusted
-    assert write.committed_end(tmp_path, "v-1") == 25
+    out.commit_part("v-1", 40, 50, rows(10, 40), "zstd")  # a gap: must not be trusted
+    assert out.committed_end("v-1") == 25
     assert sorted(p.name for p in directory.iterdir()) == [
         "part-0000000000-0000000010.parquet", "part-0000000010-0000000025.parquet",
     ]
@@ -37,8 +41,9 @@ def test_parts_chain_and_resume_point(tmp_path):
 
 
 def test_empty_parts_are_valid_and_typed(tmp_path):
-    write.commit_part(tmp_path, "v-2", 0, 8, rows(0), "zstd")
-    assert write.committed_end(tmp_path, "v-2") == 8
+    out = OutputDir(tmp_path)
+    out.commit_part("v-2", 0, 8, rows(0), "zstd")
+    assert out.committed_end("v-2") == 8
     assert write.scan_predictions(tmp_path).collect().height == 0
     plain = pl.scan_parquet(f"{tmp_path}/predictions/**/*.parquet", hive_partitioning=True).collect()
     assert plain.height == 0
@@ -50,26 +55,46 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        write.atomic_write(tmp_path / "x.parquet", boom)
+        atomic_write(tmp_path / "x.parquet", boom)
     assert os.listdir(tmp_path) == []
 
 
 def test_settings_mismatch_refuses(tmp_path):
-    write.ensure_settings(tmp_path, {"score_threshold": 0.5, "model": "m"})
-    write.ensure_settings(tmp_path, {"score_threshold": 0.5, "model": "m"})
-    with pytest.raises(write.SettingsMismatchError, match="score_threshold: stored 0.5, now 0.3"):
-        write.ensure_settings(tmp_path, {"score_threshold": 0.3, "model": "m"})
+    out = OutputDir(tmp_path)
+    out.ensure_settings({"score_threshold": 0.5, "model": "m"})
+    out.ensure_settings({"score_threshold": 0.5, "model": "m"})
+    with pytest.raises(SettingsMismatchError, match="score_threshold: stored 0.5, now 0.3"):
+        out.ensure_settings({"score_threshold": 0.3, "model": "m"})
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    with pytest.raises(write.OutputNotWritableError, match="not writable"):
-        write.check_writable(blocker / "out")
+    with pytest.raises(OutputNotWritableError, match="not writable"):
+        Store(blocker / "out").check_writable()
 
 
 def test_videos_table_has_the_documented_schema(tmp_path):
-    write.write_videos_table(tmp_path, [{"video_id": "a-1", "path": "a.mp4", "status": "failed", "error": "x"}])
+    OutputDir(tmp_path).write_videos_table([VideoStatus(video_id="a-1", path="a.mp4", error="x")])
     table = pl.read_parquet(tmp_path / "videos.parquet")
     assert table.schema == pl.Schema(write.VIDEO_SCHEMA)
+    assert "retryable" not in table.columns
     assert table.row(0, named=True)["frame_count"] is None
+    assert table.row(0, named=True)["status"] == "failed"
+
+
+def test_a_status_record_round_trips_with_what_the_table_leaves_out(tmp_path):
+    out = OutputDir(tmp_path)
+    status = VideoStatus(video_id="a-1", path="a.mp4", status="ok", frame_count=5, fps=25.0, retryable=True)
+    out.write_status(status)
+    assert out.read_status("a-1") == status
+    assert out.read_status("b-2") is None
+
+
+def test_a_failed_write_is_the_one_output_error_and_names_the_output(tmp_path):
+    from job.errors import OutputWriteError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(OutputWriteError, match="rerun the same command to resume"):
+        OutputDir(blocker).commit_part("v-1", 0, 1, rows(1), "zstd")

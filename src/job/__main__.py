@@ -1,4 +1,8 @@
-"""`python -m job video_dir=... output_dir=...`: compose the config, validate it, run."""
+"""`python -m job video_dir=... output_dir=...`: compose the config, check it, run.
+
+A `JobError` is something the user must change: one line, exit code 2. Anything else is a bug and
+keeps its traceback (exit code 1). Either way the log says where the output went.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from job.config import register_configs, validate
+from job.config import load, register_configs
+from job.errors import JobError
 
 log = logging.getLogger("job")
 register_configs()
@@ -18,27 +23,21 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from job.errors import OutputWriteError, WeightsError
-    from job.run import WorkersCannotStartError, run
-    from job.write import OutputNotWritableError, SettingsMismatchError
+    from job.run import run
 
-    USER_ERRORS = (WeightsError, OutputWriteError, WorkersCannotStartError, OutputNotWritableError, SettingsMismatchError,
-                   FileNotFoundError, ValueError)
-
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
-    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
-    if sweeping:  # each combination gets its own output_dir (and manifest) under the given one
-        job = HydraConfig.get().job
-        name = job.override_dirname.replace("/", "_") or f"job{job.num}"
-        plain["output_dir"] = f"{plain['output_dir'].rstrip('/')}/{name}"
     try:
-        validate(plain)
-        run(plain, keep_ray=sweeping)  # a sweep's jobs share one Ray runtime
-    except USER_ERRORS as exc:  # a setting to fix, not a bug: the message says which
+        settings = load(cfg)
+        sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+        if sweeping:  # each combination gets its own output_dir (and manifest) under the given one
+            job = HydraConfig.get().job
+            name = job.override_dirname.replace("/", "_") or f"job{job.num}"
+            settings.output_dir = f"{settings.output_dir.rstrip('/')}/{name}"
+        run(settings, keep_ray=sweeping)  # a sweep's jobs share one Ray runtime
+    except JobError as exc:  # a setting to fix, not a bug: the message says which
         log.error("job stopped: %s", exc)
         sys.exit(2)
     except Exception:
-        log.exception("job failed; output_dir=%s", plain["output_dir"])
+        log.exception("job failed; output_dir=%s", cfg.output_dir)
         raise
 
 

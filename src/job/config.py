@@ -1,18 +1,24 @@
-"""Typed schemas for the Hydra config; each dataclass mirrors a group under `configs/`.
+"""Typed settings: the Hydra schemas, checked once, then passed as these dataclasses down to the actors.
 
-Registering them in Hydra's ConfigStore makes a misspelt key or a wrong type fail when the config
-is composed, before Ray starts or a model loads.
+Registering the schemas in Hydra's ConfigStore makes a misspelt key or a wrong type fail when the
+config is composed, before Ray starts or a model loads. `load` turns the composed config into a
+`JobConfig` and checks what types cannot express; `for_device` resolves the `null` defaults once,
+where the device is known (in the actor). Nothing past this module reads string keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from job.errors import ConfigError
+from job.storage import is_uri
 
 
 class Device(str, Enum):
@@ -95,7 +101,7 @@ def is_weights_path(weights: str) -> bool:
 
 def log_dir(output_dir: str) -> str:
     """Where Hydra keeps a run's log: inside output_dir, or under ./outputs when that is a URI."""
-    if "://" in output_dir and not output_dir.startswith("file://"):
+    if is_uri(output_dir):
         return "outputs/" + output_dir.replace("://", "/").strip("/")
     return f"{output_dir.removeprefix('file://')}/.hydra_logs"
 
@@ -110,27 +116,49 @@ def register_configs() -> None:
     cs.store(group="output", name="base_output", node=OutputConfig)
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    """Checks that types alone cannot express; raises ValueError naming the key to fix."""
+def load(cfg: DictConfig) -> JobConfig:
+    """The composed config as typed settings, checked; raises ConfigError naming the key to fix."""
+    settings = OmegaConf.to_object(cfg)
+    assert isinstance(settings, JobConfig), type(settings)
+    validate(settings)
+    return settings
+
+
+def validate(cfg: JobConfig) -> None:
+    """Checks that types alone cannot express; raises ConfigError naming the key to fix."""
     problems = []
-    if cfg["batch_size"] is not None and cfg["batch_size"] < 1:
-        problems.append(f"batch_size must be >= 1, got {cfg['batch_size']}")
-    if cfg["frame_stride"] < 1:
-        problems.append(f"frame_stride must be >= 1, got {cfg['frame_stride']}")
-    if not 0.0 <= cfg["score_threshold"] <= 1.0:
-        problems.append(f"score_threshold must be within [0, 1], got {cfg['score_threshold']}")
-    if cfg["prefetch_batches"] is not None and cfg["prefetch_batches"] < 0:
-        problems.append(f"prefetch_batches must be >= 0 or null, got {cfg['prefetch_batches']}")
-    if cfg["output"]["commit_every_frames"] < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.frame_stride < 1:
+        problems.append(f"frame_stride must be >= 1, got {cfg.frame_stride}")
+    if not 0.0 <= cfg.score_threshold <= 1.0:
+        problems.append(f"score_threshold must be within [0, 1], got {cfg.score_threshold}")
+    if cfg.prefetch_batches is not None and cfg.prefetch_batches < 0:
+        problems.append(f"prefetch_batches must be >= 0 or null, got {cfg.prefetch_batches}")
+    if cfg.output.commit_every_frames < 1:
         problems.append("output.commit_every_frames must be >= 1")
-    ray_cfg = cfg["ray"]
-    if ray_cfg["num_actors"] is not None and ray_cfg["num_actors"] < 1:
-        problems.append(f"ray.num_actors must be >= 1 or null, got {ray_cfg['num_actors']}")
-    if ray_cfg["cpus_per_actor"] <= 0:
+    if cfg.ray.num_actors is not None and cfg.ray.num_actors < 1:
+        problems.append(f"ray.num_actors must be >= 1 or null, got {cfg.ray.num_actors}")
+    if cfg.ray.cpus_per_actor <= 0:
         problems.append("ray.cpus_per_actor must be > 0")
-    if not 0 < ray_cfg["gpus_per_actor"]:
+    if not 0 < cfg.ray.gpus_per_actor:
         problems.append("ray.gpus_per_actor must be > 0 (fractions such as 0.5 share a GPU)")
-    if ray_cfg["max_video_attempts"] < 1:
+    if cfg.ray.max_video_attempts < 1:
         problems.append("ray.max_video_attempts must be >= 1")
     if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def for_device(cfg: JobConfig, device_type: str) -> JobConfig:
+    """A copy with the `null` defaults resolved for the device ("cpu" or "cuda") that will run the model."""
+    gpu = device_type == "cuda"
+    return dataclasses.replace(
+        cfg,
+        batch_size=cfg.batch_size if cfg.batch_size is not None else (16 if gpu else 4),
+        prefetch_batches=cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if gpu else 0),
+    )
+
+
+def to_plain(cfg: JobConfig) -> dict[str, Any]:
+    """JSON-ready nested dicts (enums as their names), for the manifest."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)

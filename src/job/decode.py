@@ -137,12 +137,6 @@ class DecodeProgress:
     damage: str | None = None  # why decoding stopped before the end of the stream
 
 
-def decoder_versions() -> dict[str, str]:
-    import decord
-
-    return {"decord": decord.__version__, "av": av.__version__}
-
-
 def timestamps_for(indices: np.ndarray, info: VideoInfo) -> np.ndarray:
     """Seconds since the first frame; beyond the known PTS, extrapolated at the stream's rate."""
     indices = np.asarray(indices, dtype=np.int64)
@@ -291,5 +285,5 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "decoder_versions", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
+    "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
 ]

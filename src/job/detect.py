@@ -12,9 +12,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights
 from torchvision.models.detection.ssd import SSD
 
-from job.config import is_weights_path
+from job.config import ModelConfig, is_weights_path
 from job.detect_fast import enable_fast_ssd, prepare_batch
-from job.errors import WeightsError
+from job.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but this worker sees no CUDA device; use device=auto or device=cpu")
+        raise ConfigError("device=cuda but this worker sees no CUDA device; use device=auto or device=cpu")
     return torch.device(requested)
 
 
@@ -142,6 +142,10 @@ class Detector:
             if hasattr(model, "head"):  # SSD, RetinaNet, FCOS; Faster R-CNN's heads stay eager
                 model.head = torch.compile(model.head, dynamic=False)
         self._autocast = _autocast(self.device, precision)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, score_threshold: float, device: str = "auto") -> Detector:
+        return cls(model.name, model.weights, score_threshold, device, model.precision.value, model.compile)
 
     def warm_up(self, batch_size: int) -> None:
         """One throw-away batch: oneDNN/cuDNN pick their kernels on the first call, not on a real video."""

@@ -8,21 +8,72 @@ straight into the batch. `tests/test_detect.py` checks the results against torch
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
 
-def enable_fast_ssd(model: SSD) -> None:
-    """Swap in batched postprocessing and leave normalising/resizing to `prepare_batch`."""
-    model.postprocess_detections = types.MethodType(_postprocess_detections, model)
-    # The batch arrives resized to the model's fixed size and normalised (see prepare_batch),
-    # so the per-image steps would be an identity interpolation and a second normalisation.
-    model.transform.normalize = lambda image: image
-    model.transform.resize = lambda image, target=None: (image, target)
+class PreparedTransform(GeneralizedRCNNTransform):
+    """SSD's transform for a batch that `prepare_batch` already resized to the model's size and normalised.
+
+    Batching and the image sizes that postprocessing rescales by stay torchvision's own.
+    """
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+class FastSSD(SSD):
+    """torchvision's SSD with its postprocessing vectorised; adds no state, only overrides a method."""
+
+    def postprocess_detections(self, head_outputs, image_anchors, image_shapes):
+        """torchvision's SSD.postprocess_detections without the per-class Python loop.
+
+        Same candidates (score > score_thresh, at most topk_candidates per class, in class order and
+        by descending score within a class), same box decoding, clipping, batched NMS and cap.
+        """
+        pred_scores = F.softmax(head_outputs["cls_logits"], dim=-1)
+        num_classes = pred_scores.size(-1)
+        detections = []
+        for regression, scores, anchors, image_shape in zip(head_outputs["bbox_regression"], pred_scores,
+                                                            image_anchors, image_shapes):
+            anchor_index, class_index = (scores[:, 1:] > self.score_thresh).nonzero(as_tuple=True)
+            labels = class_index + 1
+            score = scores[anchor_index, labels]
+            order = torch.argsort(score, descending=True, stable=True)
+            order = order[torch.argsort(labels[order], stable=True)]
+            anchor_index, labels, score = anchor_index[order], labels[order], score[order]
+            counts = torch.bincount(labels, minlength=num_classes)
+            if len(counts) and int(counts.max()) > self.topk_candidates:
+                first_of_class = torch.cumsum(counts, 0) - counts
+                rank = torch.arange(len(labels), device=labels.device) - first_of_class[labels]
+                keep = rank < self.topk_candidates
+                anchor_index, labels, score = anchor_index[keep], labels[keep], score[keep]
+            boxes = self.box_coder.decode_single(regression[anchor_index], anchors[anchor_index])
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            keep = box_ops.batched_nms(boxes, score, labels, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": score[keep], "labels": labels[keep]})
+        return detections
+
+
+def enable_fast_ssd(model: SSD) -> FastSSD:
+    """Turn a built (and loaded) SSD into a FastSSD fed by `prepare_batch`.
+
+    The builders construct `SSD` directly, so the subclass is applied to the built model; FastSSD
+    adds no attributes, so its instances are exactly torchvision's with one method overridden.
+    """
+    model.__class__ = FastSSD
+    old = model.transform
+    model.transform = PreparedTransform(
+        old.min_size, old.max_size, old.image_mean, old.image_std, size_divisible=old.size_divisible,
+        fixed_size=old.fixed_size, _skip_resize=getattr(old, "_skip_resize", False),
+    )
+    return model
 
 
 def prepare_batch(model: SSD, frames: torch.Tensor) -> torch.Tensor:
@@ -44,33 +95,3 @@ def prepare_batch(model: SSD, frames: torch.Tensor) -> torch.Tensor:
     mean = torch.as_tensor(transform.image_mean, dtype=batch.dtype, device=batch.device)[:, None, None]
     std = torch.as_tensor(transform.image_std, dtype=batch.dtype, device=batch.device)[:, None, None]
     return batch.div_(255.0).sub_(mean).div_(std)
-
-
-def _postprocess_detections(self: SSD, head_outputs, image_anchors, image_shapes):
-    """torchvision's SSD.postprocess_detections without the per-class Python loop.
-
-    Same candidates (score > score_thresh, at most topk_candidates per class, in class order and
-    by descending score within a class), same box decoding, clipping, batched NMS and cap.
-    """
-    pred_scores = F.softmax(head_outputs["cls_logits"], dim=-1)
-    num_classes = pred_scores.size(-1)
-    detections = []
-    for regression, scores, anchors, image_shape in zip(head_outputs["bbox_regression"], pred_scores,
-                                                        image_anchors, image_shapes):
-        anchor_index, class_index = (scores[:, 1:] > self.score_thresh).nonzero(as_tuple=True)
-        labels = class_index + 1
-        score = scores[anchor_index, labels]
-        order = torch.argsort(score, descending=True, stable=True)
-        order = order[torch.argsort(labels[order], stable=True)]
-        anchor_index, labels, score = anchor_index[order], labels[order], score[order]
-        counts = torch.bincount(labels, minlength=num_classes)
-        if len(counts) and int(counts.max()) > self.topk_candidates:
-            first_of_class = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(len(labels), device=labels.device) - first_of_class[labels]
-            keep = rank < self.topk_candidates
-            anchor_index, labels, score = anchor_index[keep], labels[keep], score[keep]
-        boxes = self.box_coder.decode_single(regression[anchor_index], anchors[anchor_index])
-        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-        keep = box_ops.batched_nms(boxes, score, labels, self.nms_thresh)[: self.detections_per_img]
-        detections.append({"boxes": boxes[keep], "scores": score[keep], "labels": labels[keep]})
-    return detections

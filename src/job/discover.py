@@ -5,16 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from job.errors import FetchError
+from job.errors import VideoDirError
+from job.storage import filesystem_for, is_uri
 
 # Containers users hand us in practice; matched case-insensitively.
 VIDEO_EXTENSIONS = frozenset(
@@ -23,12 +20,6 @@ VIDEO_EXTENSIONS = frozenset(
         ".m2ts", ".mts", ".ts", ".3gp", ".ogv", ".mxf",
     }
 )
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    """s3://, gs://, ... (file:// and plain paths are local)."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
 
 
 @dataclass(frozen=True)
@@ -55,7 +46,7 @@ def discover_videos(video_dir: str | os.PathLike) -> list[Video]:
         return _discover_remote(str(video_dir))
     root = Path(video_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"video_dir={video_dir!s} is not a directory; pass video_dir=/path/to/videos")
+        raise VideoDirError(f"video_dir={video_dir!s} is not a directory; pass video_dir=/path/to/videos")
     videos = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -76,43 +67,10 @@ def _discover_remote(video_dir: str) -> list[Video]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except FileNotFoundError:
-        raise FileNotFoundError(f"video_dir={video_dir} does not exist; pass video_dir=URI_OR_PATH") from None
+        raise VideoDirError(f"video_dir={video_dir} does not exist; pass video_dir=URI_OR_PATH") from None
     videos = []
     for info in sorted(infos, key=lambda i: i.path):
         if info.type == pafs.FileType.File and Path(info.base_name).suffix.lower() in VIDEO_EXTENSIONS:
             relative = info.path[len(root):].lstrip("/")
             videos.append(Video(video_id_for(relative), f"{scheme}://{info.path}", relative))
     return videos
-
-
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for an object-store URI whose key may hold spaces or non-ASCII.
-
-    `FileSystem.from_uri` parses the whole URI and rejects such keys, so only the bucket part
-    goes through it (credentials and endpoints come from the environment, e.g. AWS_ENDPOINT_URL).
-    """
-    scheme, rest = uri.split("://", 1)
-    bucket = rest.split("/", 1)[0]
-    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
-    return fs, rest
-
-
-@contextmanager
-def local_copy(path: str) -> Iterator[str]:
-    """A local file for the decoders: the path itself, or a temporary copy of an object-store URI.
-
-    Each worker streams its own video from the store; the driver never touches the bytes.
-    """
-    if not is_uri(path):
-        yield path
-        return
-    fs, remote = filesystem_for(path)
-    suffix = Path(remote).suffix
-    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="job-video-") as local:
-        try:
-            with fs.open_input_stream(remote) as stream:
-                shutil.copyfileobj(stream, local, length=8 << 20)
-            local.flush()
-        except OSError as exc:
-            raise FetchError(str(exc)) from exc
-        yield local.name

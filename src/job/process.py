@@ -17,17 +17,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from job import write
+from job.config import JobConfig, OutputConfig
 from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
 from job.detect import Detector
-from job.discover import Video, local_copy
+from job.discover import Video
 from job.errors import FetchError, OutputWriteError
+from job.storage import local_copy
+from job.write import OutputDir, VideoStatus, detections_frame
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,52 +37,53 @@ T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 
 
-def process_video(video: Video, cfg: dict[str, Any], detector: Detector,
-                  on_progress: ProgressCallback | None = None, attempts: int = 1) -> dict[str, Any]:
-    """Runs one video to its final status row, committing detections as it goes.
+def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
+                  on_progress: ProgressCallback | None = None, attempts: int = 1) -> VideoStatus:
+    """Runs one video to its final status, committing detections as it goes.
 
-    Never raises for a bad video: the reason goes into the row's `error`.
+    `settings` must be resolved for the detector's device (`config.for_device`).
+    Never raises for a bad video: the reason goes into the status's `error`.
     """
     try:
         with local_copy(video.path) as path:
-            return _process_local(video, path, cfg, detector, on_progress, attempts)
+            return _process_local(video, path, settings, output, detector, on_progress, attempts)
     except FetchError as exc:  # the object store would not give us the video
-        row = _new_row(video, detector, attempts)
-        row["error"], row["retryable"] = f"cannot fetch the video: {exc}", True
-        return _finish(cfg["output_dir"], row, time.monotonic())
+        status = _new_status(video, detector, attempts)
+        status.error, status.retryable = f"cannot fetch the video: {exc}", True
+        return _finish(output, status, time.monotonic())
 
 
 def _process_local(
     video: Video,
     path: str,
-    cfg: dict[str, Any],
+    settings: JobConfig,
+    output: OutputDir,
     detector: Detector,
     on_progress: ProgressCallback | None = None,
     attempts: int = 1,
-) -> dict[str, Any]:
+) -> VideoStatus:
     on_progress = on_progress or (lambda done, expected: None)
-    output_dir = cfg["output_dir"]
-    stride = cfg["frame_stride"]
+    stride = settings.frame_stride
     started = time.monotonic()
-    row = _new_row(video, detector, attempts)
+    status = _new_status(video, detector, attempts)
     try:
         info = probe(path)
     except VideoError as exc:
-        row["error"] = str(exc)
-        return _finish(output_dir, row, started)
-    row.update(width=info.width, height=info.height, fps=info.fps, duration_s=info.duration_s,
-               codec=info.codec, rotation=info.rotation)
+        status.error = str(exc)
+        return _finish(output, status, started)
+    status.width, status.height, status.fps = info.width, info.height, info.fps
+    status.duration_s, status.codec, status.rotation = info.duration_s, info.codec, info.rotation
 
-    start = write.committed_end(output_dir, video.video_id)
+    start = output.committed_end(video.video_id)
     expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
     on_progress(0, max(0, math.ceil(expected / stride) - math.ceil(start / stride)))
-    committer = _PartCommitter(output_dir, video.video_id, start, cfg, detector.class_names)
+    committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names)
     progress = DecodeProgress()
     failure = None
     try:
-        batches = iter_batches(path, info, batch_size(cfg, detector), stride, start, cfg["decoder"], progress,
+        batches = iter_batches(path, info, settings.batch_size, stride, start, settings.decoder.value, progress,
                                threads=torch.get_num_threads())
-        for batch in prefetch(batches, _prefetch_depth(cfg, detector)):
+        for batch in prefetch(batches, settings.prefetch_batches):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
         committer.flush()
@@ -92,44 +94,26 @@ def _process_local(
     except Exception as exc:  # a bug or a resource error: record it, keep what was committed
         log.exception("video %s failed while processing", video.relative_path)
         failure = f"{type(exc).__name__}: {exc}"
-        row["retryable"] = True
+        status.retryable = True
 
     frame_count = progress.frames_decoded
-    row["frame_count"] = frame_count
-    row["frames_processed"] = committer.frames_processed
-    row["detections"] = committer.detections
+    status.frame_count = frame_count
+    status.frames_processed = committer.frames_processed
+    status.detections = committer.detections
     damage = failure or progress.damage or _missing_frames(info, frame_count)
     if damage is None:
-        row["status"] = "ok"
+        status.status = "ok"
     else:
-        row["status"] = "partial" if committer.end > 0 else "failed"
-        row["error"] = damage
+        status.status = "partial" if committer.end > 0 else "failed"
+        status.error = damage
         if frame_count == 0 and failure is None:
-            row["error"] = f"no frame could be decoded ({info.codec}): {damage}"
-    return _finish(output_dir, row, started)
+            status.error = f"no frame could be decoded ({info.codec}): {damage}"
+    return _finish(output, status, started)
 
 
-def _new_row(video: Video, detector: Detector, attempts: int) -> dict[str, Any]:
-    return {
-        "video_id": video.video_id, "path": video.relative_path, "status": "failed", "error": None,
-        "frame_count": None, "frames_processed": 0, "detections": 0, "attempts": attempts,
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(detector.device),
-        # Whether a rerun should try again: not for facts about the file, yes for crashes and bugs.
-        "retryable": False,
-    }
-
-
-def batch_size(cfg: dict[str, Any], detector: Detector) -> int:
-    """cfg's batch_size, or the device's default when it is null (see config.JobConfig)."""
-    if cfg["batch_size"] is not None:
-        return cfg["batch_size"]
-    return 16 if detector.device.type == "cuda" else 4
-
-
-def _prefetch_depth(cfg: dict[str, Any], detector: Detector) -> int:
-    if cfg["prefetch_batches"] is not None:
-        return cfg["prefetch_batches"]
-    return 2 if detector.device.type == "cuda" else 0
+def _new_status(video: Video, detector: Detector, attempts: int) -> VideoStatus:
+    return VideoStatus(video_id=video.video_id, path=video.relative_path, attempts=attempts,
+                       worker=f"{socket.gethostname()}:{os.getpid()}", device=str(detector.device))
 
 
 def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
@@ -181,14 +165,15 @@ def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
 class _PartCommitter:
     """Groups batches into parts of about `commit_every_frames` decoded frames and commits them."""
 
-    def __init__(self, output_dir: Path, video_id: str, start: int, cfg: dict[str, Any], class_names: list[str]):
-        self.output_dir, self.video_id, self.class_names = output_dir, video_id, class_names
-        self.every = cfg["output"]["commit_every_frames"]
-        self.compression = cfg["output"]["compression"]
+    def __init__(self, output: OutputDir, video_id: str, start: int, frame_stride: int, settings: OutputConfig,
+                 class_names: list[str]):
+        self.output, self.video_id, self.class_names = output, video_id, class_names
+        self.every = settings.commit_every_frames
+        self.compression = settings.compression
         self.end = start  # frames [0, end) are committed
-        self.frames_processed = math.ceil(start / cfg["frame_stride"])
+        self.frames_processed = math.ceil(start / frame_stride)
         # Rows in committed parts: an earlier run's, read from their footers once, plus ours.
-        self.detections = write.count_detections(output_dir, video_id) if start else 0
+        self.detections = output.count_detections(video_id) if start else 0
         # Indices, timestamps and detections only: holding the frames would cost a part's worth of pixels.
         self._pending: list[tuple[np.ndarray, np.ndarray, list]] = []
 
@@ -203,7 +188,7 @@ class _PartCommitter:
             return
         indices = np.concatenate([i for i, _, _ in self._pending])
         dets = [d for _, _, ds in self._pending for d in ds]
-        rows = write.detections_frame(
+        rows = detections_frame(
             indices,
             np.concatenate([t for _, t, _ in self._pending]),
             [d.boxes.numpy() for d in dets],
@@ -212,10 +197,7 @@ class _PartCommitter:
             self.class_names,
         )
         end = int(indices[-1]) + 1
-        try:
-            write.commit_part(self.output_dir, self.video_id, self.end, end, rows, self.compression)
-        except OSError as exc:
-            raise OutputWriteError.from_os_error(self.output_dir, exc) from exc
+        self.output.commit_part(self.video_id, self.end, end, rows, self.compression)
         self.end = end
         self.detections += rows.height
         self._pending = []
@@ -239,10 +221,7 @@ def _missing_frames(info: VideoInfo, frame_count: int) -> str | None:
     return None
 
 
-def _finish(output_dir: Path, row: dict[str, Any], started: float) -> dict[str, Any]:
-    row["seconds"] = round(time.monotonic() - started, 3)
-    try:
-        write.write_status(output_dir, row)
-    except OSError as exc:
-        raise OutputWriteError.from_os_error(output_dir, exc) from exc
-    return row
+def _finish(output: OutputDir, status: VideoStatus, started: float) -> VideoStatus:
+    status.seconds = round(time.monotonic() - started, 3)
+    output.write_status(status)
+    return status

@@ -1,0 +1,233 @@
+"""Ray: the runtime, the actors that hold a model, and the pool's Ray backend. The only module that imports Ray.
+
+Each actor loads the model once and processes whole videos; the pool hands a video to whichever
+actor is free, so long and short videos balance out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+from job.config import JobConfig, RayConfig
+from job.discover import Video
+from job.errors import JobError, OutputWriteError, WorkersCannotStartError, first_line
+from job.plan import actor_layout
+from job.pool import ActorDied, ActorPool, CallFailed
+from job.write import OutputDir, VideoStatus
+
+log = logging.getLogger(__name__)
+
+# Frame buffers are allocated by decoder threads and freed by the model's thread; with glibc's
+# per-thread arenas that fragments and a worker's memory creeps up with video length. One arena
+# stops it at no measured cost in speed (benchmarks/memory.md).
+WORKER_ENV_VARS = {"MALLOC_ARENA_MAX": "1"}
+
+
+class RayRuntime:
+    """Connects to or starts Ray; stops it on exit only if it started it (and `keep` is false).
+
+    An embedded Ray is started with WORKER_ENV_VARS in the environment its processes inherit, so
+    actors need no runtime_env and reuse the workers Ray prestarts (a runtime_env makes Ray start a
+    fresh process per actor: ~0.6 s more start-up).
+    """
+
+    def __init__(self, ray_cfg: RayConfig, keep: bool = False) -> None:
+        self.ray_cfg, self.keep = ray_cfg, keep
+        self.started = False
+        self.workers_have_env = False
+
+    def __enter__(self) -> RayRuntime:
+        if ray.is_initialized():
+            return self
+        address = self.ray_cfg.address
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+        embedded = address is None and not os.environ.get("RAY_ADDRESS")
+        if embedded:
+            kwargs.update(num_cpus=self.ray_cfg.num_cpus, include_dashboard=False)
+        saved = {name: os.environ.get(name) for name in WORKER_ENV_VARS}
+        if embedded:
+            os.environ.update(WORKER_ENV_VARS)
+        try:
+            ray.init(address=address, **kwargs)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        self.started, self.workers_have_env = True, embedded
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.started and not self.keep:
+            ray.shutdown()
+
+    @property
+    def actor_runtime_env(self) -> dict[str, Any] | None:
+        return None if self.workers_have_env else {"env_vars": WORKER_ENV_VARS}
+
+    @staticmethod
+    def job_id() -> str | None:
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+
+
+@ray.remote
+class ProgressCounter:
+    """Frames detected and frames expected, summed over actors, polled by the driver's bar."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.expected = 0
+
+    def add(self, done: int, expected: int) -> None:
+        self.done += done
+        self.expected += expected
+
+    def read(self) -> tuple[int, int]:
+        return self.done, self.expected
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class VideoWorker:
+    """Holds one loaded model and the output store; processes one video per call."""
+
+    def __init__(self, cfg: JobConfig, progress_actor: str, threads: int) -> None:
+        import torch
+
+        from job.config import for_device
+        from job.detect import Detector
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
+        # Looked up by name: a handle argument would live in the object store, which restarts need intact.
+        self.progress = ray.get_actor(progress_actor)
+        self.detector = Detector.from_config(cfg.model, cfg.score_threshold, cfg.device.value)
+        self.settings = for_device(cfg, self.detector.device.type)
+        self.output = OutputDir(cfg.output_dir)
+        self.detector.warm_up(self.settings.batch_size)
+
+    def device(self) -> str:
+        return str(self.detector.device)
+
+    def process(self, video: Video, attempts: int) -> VideoStatus:
+        from job.process import process_video
+
+        report = BatchedProgress(self.progress)
+        try:
+            return process_video(video, self.settings, self.output, self.detector, report, attempts)
+        finally:
+            report.flush()
+
+
+class BatchedProgress:
+    """Sends progress to the counter actor at most every `interval` s instead of once per batch:
+    the bar refreshes once a second anyway, and each remote call costs the actor CPU time."""
+
+    def __init__(self, counter: Any, interval: float = 0.5) -> None:
+        self.counter, self.interval = counter, interval
+        self.done = self.expected = 0
+        self.sent_at = time.monotonic()
+
+    def __call__(self, done: int, expected: int) -> None:
+        self.done += done
+        self.expected += expected
+        if time.monotonic() - self.sent_at >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.done or self.expected:
+            self.counter.add.remote(self.done, self.expected)
+        self.done = self.expected = 0
+        self.sent_at = time.monotonic()
+
+
+class RayBackend:
+    """`pool.Backend` over Ray actor calls: Ray's errors become the pool's two kinds of failure."""
+
+    def submit(self, actor: Any, video: Video, attempt: int) -> ray.ObjectRef:
+        return actor.process.remote(video, attempt)
+
+    def ping(self, actor: Any) -> ray.ObjectRef:
+        return actor.device.remote()
+
+    def wait(self, refs: list[ray.ObjectRef], timeout: float) -> list[ray.ObjectRef]:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        return ready
+
+    def result(self, ref: ray.ObjectRef) -> Any:
+        try:
+            return ray.get(ref)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, OutputWriteError):  # not the video's fault: the run must stop
+                raise OutputWriteError(str(exc.cause)) from None
+            raise CallFailed(root_cause(exc)) from None
+        except RayActorError as exc:
+            raise ActorDied(first_line(exc)) from None
+
+
+class ActorRun:
+    """Iterating it starts the actors and yields each video's final status as it completes."""
+
+    def __init__(self, todo: list[Video], cfg: JobConfig, runtime: RayRuntime, output: OutputDir) -> None:
+        self.todo, self.cfg, self.runtime, self.output = todo, cfg, runtime, output
+        # From the actors being ready (model loaded and warm) to the last video done.
+        self.processing_seconds = 0.0
+
+    def __iter__(self) -> Iterator[VideoStatus]:
+        todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
+        layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), len(todo))
+        log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
+        progress_name = f"job-progress-{uuid.uuid4().hex}"
+        progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
+        actors = [
+            VideoWorker.options(num_cpus=layout.cpus_each, num_gpus=layout.gpus_each,
+                                runtime_env=runtime.actor_runtime_env)
+            .remote(cfg, progress_name, max(1, int(layout.cpus_each)))
+            for _ in range(layout.count)
+        ]
+        bar = tqdm(total=0, unit="frame", desc="detecting", dynamic_ncols=True, mininterval=1.0)
+
+        def update_bar() -> None:
+            done, expected = ray.get(progress.read.remote())
+            bar.total = max(expected, done)
+            bar.update(done - bar.n)
+
+        try:
+            devices = _wait_until_ready(actors)
+            log.info("actors ready on %s", ", ".join(sorted(set(devices))))
+            ready_at = time.monotonic()
+            pool = ActorPool(actors, RayBackend(), cfg.ray.max_video_attempts, output.write_status)
+            yield from pool.run(todo, tick=update_bar)
+            self.processing_seconds = time.monotonic() - ready_at
+        finally:
+            bar.close()
+            for actor in actors:
+                ray.kill(actor)
+            ray.kill(progress)
+
+
+def _wait_until_ready(actors: list[Any]) -> list[str]:
+    """Surface a model that cannot load (bad weights, no internet) once, not as a failure per video."""
+    try:
+        return ray.get([actor.device.remote() for actor in actors])
+    except RayActorError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), JobError) else None
+        reason = str(cause) if cause is not None else root_cause(exc)
+        raise WorkersCannotStartError(f"the Ray workers could not load the model: {reason}") from None
+
+
+def root_cause(exc: BaseException) -> str:
+    """The line of a Ray error that names the real exception, e.g. `WeightsError: ...`."""
+    causes = [line.strip() for line in str(exc).splitlines()
+              if re.match(r"^\s*[\w.]*(Error|Exception): ", line) and "ray.exceptions" not in line]
+    return causes[-1] if causes else first_line(exc)

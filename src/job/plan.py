@@ -1,0 +1,99 @@
+"""What a run has to do: the videos, which of them earlier runs finished, how many actors. No Ray here."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+from job.config import Device, JobConfig, RayConfig, is_weights_path
+from job.discover import Video, discover_videos
+from job.errors import ConfigError, WeightsError
+from job.write import OutputDir, VideoStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    videos: list[Video]  # every discovered file, in discovery order
+    todo: list[Video]  # those without a final status from an earlier run
+    finished: dict[str, VideoStatus]  # video_id -> an earlier run's final status
+
+
+def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
+    """Discover the videos, check output_dir, record or check the settings, and split done from to-do."""
+    videos = discover_videos(cfg.video_dir)
+    output.store.check_writable()
+    output.ensure_settings(detection_settings(cfg))
+    log.info("found %d videos under %s", len(videos), cfg.video_dir)
+    finished: dict[str, VideoStatus] = {}
+    todo: list[Video] = []
+    for video in videos:
+        previous = output.read_status(video.video_id)
+        if previous is not None and not previous.retryable:
+            finished[video.video_id] = previous
+        else:
+            todo.append(video)
+    return Plan(videos, todo, finished)
+
+
+def detection_settings(cfg: JobConfig) -> dict[str, Any]:
+    """Everything the detections depend on; a rerun must match it to add to the same output."""
+    return {
+        "model": cfg.model.name,
+        "weights": weights_identity(cfg.model.name, cfg.model.weights),
+        "precision": cfg.model.precision.value,
+        "score_threshold": float(cfg.score_threshold),
+        "frame_stride": int(cfg.frame_stride),
+    }
+
+
+def weights_identity(name: str, weights: str) -> str:
+    """A local file by its sha256; torchvision's weights by name and torchvision release.
+
+    Computed without importing torch, so the driver stays small (it never runs a model).
+    """
+    if is_weights_path(weights):
+        if not os.path.isfile(weights):
+            raise WeightsError(f"model.weights={weights}: no such file")
+        digest = hashlib.sha256()
+        with open(weights, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    return f"torchvision {version('torchvision')}: {name} {weights}"
+
+
+@dataclass(frozen=True)
+class ActorLayout:
+    count: int
+    cpus_each: float
+    gpus_each: float
+
+
+def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float], videos: int) -> ActorLayout:
+    """How many actors, and the CPUs and GPUs each asks Ray for, given the cluster's declared resources."""
+    gpus = resources.get("GPU", 0.0) if device != Device.cpu else 0.0
+    cpus = resources.get("CPU", 1.0)
+    if device == Device.cuda and not gpus:
+        raise ConfigError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
+    gpus_each = min(ray_cfg.gpus_per_actor, gpus) if gpus else 0.0
+    cpus_each = min(ray_cfg.cpus_per_actor, cpus)
+    if ray_cfg.num_actors is not None:
+        count = ray_cfg.num_actors
+    elif gpus:
+        count = max(1, math.floor(gpus / gpus_each + 1e-9))
+    else:
+        count = max(1, math.floor(cpus / cpus_each + 1e-9))
+    if count * cpus_each > cpus:  # never ask for actors the cluster cannot place: they would wait forever
+        cpus_each = cpus / count
+    if gpus_each and count * gpus_each > gpus + 1e-9:
+        raise ConfigError(
+            f"ray.num_actors={count} x ray.gpus_per_actor={gpus_each} needs more than the cluster's {gpus:g} GPUs"
+        )
+    return ActorLayout(min(count, max(videos, 1)), cpus_each, gpus_each)

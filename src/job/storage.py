@@ -1,0 +1,146 @@
+"""Where bytes live: local paths or object-store URIs behind one atomic `put`, and local copies of videos.
+
+Locally an object is written to a hidden temp name, fsynced and renamed. Object stores have no
+rename, but a PUT (or a completed multipart upload) is itself atomic: the object appears whole or
+not at all. So on both, every object a reader can list is complete, and its presence is the commit.
+Write failures become the one `OutputWriteError` here, so no caller has to translate them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import pyarrow.fs as pafs
+
+from job.errors import FetchError, OutputNotWritableError, OutputWriteError
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """s3://, gs://, ... (file:// and plain paths are local)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for an object-store URI whose key may hold spaces or non-ASCII.
+
+    `FileSystem.from_uri` parses the whole URI and rejects such keys, so only the bucket part
+    goes through it (credentials and endpoints come from the environment, e.g. AWS_ENDPOINT_URL).
+    """
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    return fs, rest
+
+
+class Store:
+    """A directory (local or object-store prefix) whose objects are written whole or not at all.
+
+    Make one per run in the driver and one per actor: an object-store filesystem is not free to build.
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.location = str(location)
+        if is_uri(self.location):
+            self.fs, self.root = filesystem_for(self.location)
+            self.local = False
+        else:
+            self.fs = pafs.LocalFileSystem()
+            self.root = os.path.abspath(self.location.removeprefix("file://"))
+            self.local = True
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def put(self, relative: str, data: bytes) -> None:
+        try:
+            if self.local:
+                atomic_write(Path(self.path(relative)), lambda handle: handle.write(data))
+            else:
+                with self.fs.open_output_stream(self.path(relative)) as stream:
+                    stream.write(data)
+        except OSError as exc:
+            raise OutputWriteError.from_os_error(self.location, exc) from exc
+
+    def get(self, relative: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.path(relative)) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+
+    def open_input_file(self, relative: str):
+        return self.fs.open_input_file(self.path(relative))
+
+    def names(self, relative_dir: str) -> list[str]:
+        """File names directly under `relative_dir` (none if it does not exist)."""
+        selector = pafs.FileSelector(self.path(relative_dir), allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+
+    def delete(self, relative: str) -> None:
+        try:
+            self.fs.delete_file(self.path(relative))
+        except FileNotFoundError:
+            pass
+
+    def check_writable(self) -> None:
+        """Fail at start-up, in one line, rather than after the first video."""
+        probe = "_state/.write_check"
+        try:
+            if self.local:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+            self.put(probe, b"ok")
+            self.delete(probe)
+        except (OSError, OutputWriteError) as exc:
+            cause = exc.__cause__ if isinstance(exc, OutputWriteError) else exc
+            raise OutputNotWritableError(
+                f"output_dir={self.location} is not writable ({getattr(cause, 'strerror', None) or cause}); "
+                f"pass a location you can write to"
+            ) from exc
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write through `write(handle)` to a hidden temp file, fsync, rename over `path`, fsync the dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local file for the decoders: the path itself, or a temporary copy of an object-store URI.
+
+    Each worker streams its own video from the store; the driver never touches the bytes.
+    """
+    if not is_uri(path):
+        yield path
+        return
+    fs, remote = filesystem_for(path)
+    with tempfile.NamedTemporaryFile(suffix=Path(remote).suffix, prefix="job-video-") as local:
+        try:
+            with fs.open_input_stream(remote) as stream:
+                shutil.copyfileobj(stream, local, length=8 << 20)
+            local.flush()
+        except OSError as exc:
+            raise FetchError(str(exc)) from exc
+        yield local.name

@@ -1,0 +1,48 @@
+"""__main__: what a user must fix is one line and exit 2; a bug keeps its traceback and exits 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, timeout=120)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+def test_an_impossible_value_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(f"video_dir={tmp_path}", f"output_dir={tmp_path / 'out'}", "frame_stride=0",
+                     f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert result.returncode == 2, result.output
+    assert "frame_stride must be >= 1, got 0" in result.output and "Traceback" not in result.output
+
+
+def test_a_missing_video_dir_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(f"video_dir={tmp_path / 'nope'}", f"output_dir={tmp_path / 'out'}",
+                     f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert result.returncode == 2, result.output
+    assert "is not a directory; pass video_dir=" in result.output and "Traceback" not in result.output
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
+    """A builtin ValueError from inside the job is a bug, not a user error."""
+    script = f"""
+import runpy, sys
+import job.run
+def broken(cfg, keep_ray=False):
+    raise ValueError("a bug deep inside")
+job.run.run = broken
+sys.argv = ["job", "video_dir={tmp_path}", "output_dir={tmp_path / 'out'}", "hydra.run.dir={tmp_path / 'hydra'}"]
+runpy.run_module("job", run_name="__main__", alter_sys=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" in result.stderr and "ValueError: a bug deep inside" in result.stderr
+
+
+def test_the_driver_path_imports_neither_torch_nor_ray():
+    code = "import sys, job.run; print('torch' in sys.modules, 'ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False"], result.stderr

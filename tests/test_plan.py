@@ -1,0 +1,50 @@
+"""plan: actor layout from declared resources, and what a rerun still has to do. No Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from job.config import Device, RayConfig
+from job.errors import ConfigError, SettingsMismatchError
+from job.plan import ActorLayout, actor_layout, make_plan
+from job.samples import write_video
+from job.write import OutputDir, VideoStatus
+
+
+def layout(resources, device=Device.auto, videos=100, **ray):
+    return actor_layout(RayConfig(cpus_per_actor=2, **ray), device, resources, videos)
+
+
+def test_actor_layout_follows_declared_resources():
+    assert layout({"CPU": 16.0, "GPU": 4.0}) == ActorLayout(4, 2, 1.0)
+    assert layout({"CPU": 16.0, "GPU": 4.0}, gpus_per_actor=0.5) == ActorLayout(8, 2, 0.5)
+    assert layout({"CPU": 4.0, "GPU": 4.0}) == ActorLayout(4, 1.0, 1.0)  # CPUs shared, never over-asked
+    assert layout({"CPU": 16.0, "GPU": 4.0}, Device.cpu) == ActorLayout(8, 2, 0.0)
+    assert layout({"CPU": 2.0}) == ActorLayout(1, 2, 0.0)
+    assert layout({"CPU": 16.0}, videos=3) == ActorLayout(3, 2, 0.0)  # no idle actors for a short list
+    with pytest.raises(ConfigError, match="no GPUs"):
+        layout({"CPU": 8.0}, Device.cuda)
+    with pytest.raises(ConfigError, match="more than the cluster's 2 GPUs"):
+        layout({"CPU": 8.0, "GPU": 2.0}, num_actors=3)
+
+
+def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg):
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        write_video(tmp_path / "in" / name, 2, size=(64, 48))
+    cfg = make_cfg(tmp_path / "in")
+    output = OutputDir(cfg.output_dir)
+    first = make_plan(cfg, output)
+    assert [v.relative_path for v in first.todo] == ["a.mp4", "b.mp4", "c.mp4"] and not first.finished
+    a, b, _ = first.videos
+    output.write_status(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok"))
+    output.write_status(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True))
+    again = make_plan(cfg, output)
+    assert [v.relative_path for v in again.todo] == ["b.mp4", "c.mp4"]
+    assert list(again.finished) == [a.video_id]
+
+
+def test_plan_refuses_other_detection_settings(tmp_path, make_cfg):
+    write_video(tmp_path / "in" / "a.mp4", 2, size=(64, 48))
+    make_plan(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
+    with pytest.raises(SettingsMismatchError, match="frame_stride: stored 1, now 2"):
+        make_plan(make_cfg(tmp_path / "in", "frame_stride=2"), OutputDir(tmp_path / "out"))

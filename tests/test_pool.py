@@ -1,0 +1,101 @@
+"""pool: dispatch, retries and recovery with fake actors (no Ray), as Ray tests its own _ActorPool."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from job.discover import Video
+from job.errors import WorkersCannotStartError
+from job.pool import ActorDied, ActorPool, CallFailed
+from job.write import VideoStatus
+
+
+class FakeBackend:
+    """Calls complete in submission order, one per wait; `script` says what a video's n-th attempt does."""
+
+    def __init__(self, script=None, restarts=True):
+        self.script = script or {}  # (video_id, attempt) -> "die" | "bug"
+        self.restarts = restarts
+        self.ids = itertools.count()
+        self.calls: dict[int, tuple] = {}
+        self.log: list[tuple[str, int, str]] = []  # (video_id, attempt, actor)
+
+    def submit(self, actor, video, attempt):
+        ref = next(self.ids)
+        self.calls[ref] = ("process", actor, video, attempt)
+        self.log.append((video.video_id, attempt, actor))
+        return ref
+
+    def ping(self, actor):
+        ref = next(self.ids)
+        self.calls[ref] = ("ping", actor, None, None)
+        return ref
+
+    def wait(self, refs, timeout):
+        return sorted(refs)[:1]
+
+    def result(self, ref):
+        kind, actor, video, attempt = self.calls.pop(ref)
+        if kind == "ping":
+            if not self.restarts:
+                raise ActorDied("still dead")
+            return "cpu"
+        outcome = self.script.get((video.video_id, attempt))
+        if outcome == "die":
+            raise ActorDied("worker killed")
+        if outcome == "bug":
+            raise CallFailed("ZeroDivisionError: oops")
+        return VideoStatus(video_id=video.video_id, path=video.relative_path, status="ok", attempts=attempt,
+                           worker=actor)
+
+
+def videos(n):
+    return [Video(f"v{i}-000", f"/v/{i}.mp4", f"{i}.mp4") for i in range(n)]
+
+
+def run(pool, todo):
+    return {s.video_id: s for s in pool.run(todo, poll_s=0)}
+
+
+def test_every_video_is_done_once_and_both_actors_work():
+    backend, recorded = FakeBackend(), []
+    statuses = run(ActorPool(["a", "b"], backend, 3, recorded.append), videos(5))
+    assert sorted(statuses) == [f"v{i}-000" for i in range(5)]
+    assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values())
+    assert {actor for _, _, actor in backend.log} == {"a", "b"}
+    assert recorded == []
+
+
+def test_a_video_whose_actor_died_is_retried_and_the_actor_comes_back():
+    backend = FakeBackend({("v1-000", 1): "die"})
+    statuses = run(ActorPool(["a", "b"], backend, 3, lambda s: None), videos(3))
+    assert statuses["v1-000"].status == "ok" and statuses["v1-000"].attempts == 2
+    assert [attempt for vid, attempt, _ in backend.log if vid == "v1-000"] == [1, 2]
+
+
+def test_a_video_that_keeps_killing_workers_is_given_up_and_recorded():
+    backend, recorded = FakeBackend({("v0-000", 1): "die", ("v0-000", 2): "die"}), []
+    statuses = run(ActorPool(["a"], backend, 2, recorded.append), videos(2))
+    given_up = statuses["v0-000"]
+    assert (given_up.status, given_up.attempts, given_up.retryable) == ("failed", 2, True)
+    assert "died on this video 2 times" in given_up.error
+    assert recorded == [given_up]
+    assert statuses["v1-000"].status == "ok"
+
+
+def test_a_bug_in_a_call_fails_that_video_only():
+    backend, recorded = FakeBackend({("v0-000", 1): "bug"}), []
+    statuses = run(ActorPool(["a"], backend, 3, recorded.append), videos(2))
+    assert statuses["v0-000"].error == "internal error: ZeroDivisionError: oops"
+    assert statuses["v1-000"].status == "ok" and recorded == [statuses["v0-000"]]
+
+
+def test_the_pool_stops_when_no_actor_can_be_restarted():
+    backend = FakeBackend({("v0-000", 1): "die"}, restarts=False)
+    pool = ActorPool(["a"], backend, 3, lambda s: None, max_pings=3, ping_interval_s=0)
+    with pytest.raises(WorkersCannotStartError, match="every Ray worker died"):
+        for _ in pool.run(videos(2), poll_s=0):
+            pass
+    assert sum(1 for kind, *_ in backend.calls.values() if kind == "ping") == 0, "pings stopped"
