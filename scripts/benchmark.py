@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from report import machine_line, publish
 
-from job.config import JobConfig, for_device
+from job.config import JobConfig, ModelConfig, for_device
 from job.detect import Detector
 from job.samples import calibrated_state_dict, scene, write_video
 
@@ -84,11 +84,12 @@ class ModelOnly:
     def run(self):
         import torch
         from pathlib import Path
+        from job.config import ModelConfig
         from job.decode import iter_batches, probe
         from job.detect import Detector
 
         torch.set_num_threads(2)
-        detector = Detector("ssdlite320_mobilenet_v3_large", weights, threshold, device="cpu")
+        detector = Detector(ModelConfig(name="ssdlite320_mobilenet_v3_large", weights=weights), threshold, device="cpu")
         batches = [b.frames for v in sorted(Path(video_dir).iterdir())
                    for b in iter_batches(str(v), probe(str(v)), batch_size)]
         detector(batches[0])
@@ -197,7 +198,7 @@ def main() -> None:
         torch.save(calibrated_state_dict(MODEL, [scene(k, 640, 272) for k in range(0, 48, 4)]), weights)
 
         # The model exactly as the job's actors configure it, with the job's batch size.
-        detector = Detector(MODEL, str(weights), args.threshold, device="cpu")
+        detector = Detector(ModelConfig(name=MODEL, weights=str(weights)), args.threshold, device="cpu")
         batch_size = for_device(JobConfig(batch_size=args.batch_size), detector.device.type).batch_size
 
         # Rounds interleave the pipelines so that a slow spell of a shared machine hits all of them.

@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from job.config import Device, for_device
+from job.models import PRESETS
 from job.errors import ConfigError
 
 REQUIRED = ["video_dir=/v", "output_dir=/o"]
@@ -25,9 +26,25 @@ def test_defaults_compose_to_the_documented_values():
     assert cfg.output.commit_every_frames == 512
 
 
-@pytest.mark.parametrize("model", ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"])
-def test_model_group_selects_a_preset(model):
+@pytest.mark.parametrize("model", PRESETS)
+def test_every_preset_composes_to_its_builder(model):
     assert compose_config([*REQUIRED, f"model={model}"]).model.name == model
+
+
+def test_own_detector_settings_compose():
+    cfg = compose_config([*REQUIRED, "model.classes=[forklift,pallet]", "+model.builder_args.min_size=640",
+                          "model.num_classes=3", "model._target_=my_pkg.detectors.build"])
+    assert cfg.model.classes == ["forklift", "pallet"] and cfg.model.builder_args == {"min_size": 640}
+    assert (cfg.model.num_classes, cfg.model._target_) == (3, "my_pkg.detectors.build")
+    assert compose_config([*REQUIRED, "model.classes=/data/classes.txt"]).model.classes == "/data/classes.txt"
+
+
+def test_presets_are_exactly_the_supported_builders():
+    from pathlib import Path
+
+    from conftest import CONFIG_DIR
+
+    assert sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml")) == sorted(PRESETS)
 
 
 @pytest.mark.parametrize(

@@ -97,14 +97,14 @@ def test_s3_in_and_out_with_a_kill_and_resume(ray_session, s3, make_cfg, weights
 
 def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3, make_cfg, weights_path, tmp_path):
     """A missing object fails its own video with the store's reason; the output on disk is untouched."""
-    from job.config import for_device
+    from job.config import ModelConfig, for_device
     from job.detect import Detector
     from job.discover import Video
     from job.process import process_video
     from job.write import OutputDir
 
     cfg = make_cfg(f"s3://{BUCKET}/videos", output_dir=tmp_path / "out")
-    detector = Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+    detector = Detector(ModelConfig(name=MODEL, weights=str(weights_path)), THRESHOLD, device="cpu")
     gone = Video("gone-0123456789", f"s3://{BUCKET}/videos/gone.mp4", "gone.mp4")
     row = process_video(gone, for_device(cfg, "cpu"), OutputDir(cfg.output_dir), detector)
     assert (row.status, row.retryable) == ("failed", True)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from job import write
-from job.config import for_device
+from job.config import ModelConfig, for_device
 from job.detect import Detector
 from job.discover import discover_videos
 from job.process import prefetch, process_video
@@ -25,7 +25,7 @@ def process(video, cfg, detector, **kwargs):
 def detector(weights_path):
     from conftest import MODEL, THRESHOLD
 
-    return Detector(MODEL, str(weights_path), THRESHOLD, device="cpu")
+    return Detector(ModelConfig(name=MODEL, weights=str(weights_path)), THRESHOLD, device="cpu")
 
 
 def only_video(directory):

@@ -134,8 +134,8 @@ def test_cli_stops_with_one_clear_error_when_the_model_cannot_load(awkward_dir, 
     torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
     wrong = run_cli(*common, f"output_dir={tmp_path / 'b'}", f"model.weights={tmp_path / 'other.pth'}")
     assert wrong.returncode == 2
-    assert "the Ray workers could not load the model" in wrong.output
     assert "other.pth does not fit model=ssdlite320_mobilenet_v3_large" in wrong.output
+    assert "starting Ray" not in wrong.output, "a checkpoint that does not fit is refused before Ray starts"
     assert "Traceback" not in wrong.output
 
 

@@ -18,7 +18,7 @@ def rows(n, start=0):
     return write.detections_frame(
         range(start, start + n), [i * 0.04 for i in range(start, start + n)],
         [np.array([[1, 2, 3, 4]], dtype=np.float32)] * n, [np.array([0.9], dtype=np.float32)] * n,
-        [np.array([1])] * n, ["__background__", "person"],
+        [np.array([1])] * n, ["person"],
     )
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -40,11 +40,25 @@ class Decoder(str, Enum):
 
 @dataclass
 class ModelConfig:
-    # Any torchvision detection builder name; the four in configs/model/ are the supported presets.
+    # A torchvision detection builder; configs/model/ has a preset for each one that returns boxes.
     name: str = "ssdlite320_mobilenet_v3_large"
-    # DEFAULT (torchvision's pretrained weights, downloaded once), a weights enum member name
-    # such as COCO_V1, or a path to a local state_dict (.pth).
+    # DEFAULT (torchvision's pretrained weights, downloaded once), a weights enum member name such
+    # as COCO_V1, or the path of a checkpoint: a state_dict, torchvision's reference-script
+    # checkpoint ({"model": ..., "args": ...}), or either with a "classes" list of names.
     weights: str = "DEFAULT"
+    # Names of labels 1..N: a list, or the path of a text file with one name per line (a list of
+    # N+1 starting with the background is accepted too). null: the checkpoint's own "classes",
+    # COCO's for a 91-class head, else class_<id>.
+    classes: Any = None
+    # The head's class count as torchvision counts it (background included). null: read from the
+    # checkpoint's head.
+    num_classes: Optional[int] = None  # noqa: UP045 (Hydra's schemas need typing.Optional on 3.10)
+    # Keyword arguments for the builder a fine-tuned model was trained with, e.g.
+    # {min_size: 640, box_detections_per_img: 300}.
+    builder_args: dict[str, Any] = field(default_factory=dict)
+    # A plug-in detector instead of a torchvision builder: the dotted path of a callable
+    # `build(weights, **builder_args) -> (module, class_names)` (README: "Your own detector").
+    _target_: Optional[str] = None  # noqa: UP045
     precision: Precision = Precision.fp32
     # torch.compile the backbone and head (what runs on fixed-size batches) when the actor starts.
     # For GPU boxes; on this 2-core CPU it costs ~40 s of start-up and runs no faster.
@@ -92,6 +106,22 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def given_classes(model: ModelConfig) -> list[str] | None:
+    """model.classes as a list: inline, or read from the text file it names (one name per line)."""
+    if model.classes is None:
+        return None
+    if isinstance(model.classes, str):
+        try:
+            with open(model.classes, encoding="utf-8") as handle:
+                return [line.strip() for line in handle if line.strip()]
+        except OSError as exc:
+            raise ConfigError(
+                f"model.classes={model.classes}: cannot read it ({exc.strerror or exc}); pass a text file "
+                f"with one class name per line, or a list such as model.classes=[forklift,pallet]"
+            ) from None
+    return [str(name) for name in model.classes]
 
 
 def is_weights_path(weights: str) -> bool:

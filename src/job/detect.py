@@ -1,31 +1,21 @@
-"""Model zoo, weights loading and batched inference for torchvision detectors."""
+"""Batched inference: a detector built once (`models.build`), run on uint8 frame batches."""
 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models import get_model, get_model_weights
 from torchvision.models.detection.ssd import SSD
 
-from job.config import ModelConfig, is_weights_path
+from job.config import ModelConfig
 from job.detect_fast import enable_fast_ssd, prepare_batch
-from job.errors import ConfigError, WeightsError
+from job.errors import ConfigError
+from job.models import build
 
 log = logging.getLogger(__name__)
-
-# The presets in configs/model/; other torchvision detection builders work but are not tested.
-SUPPORTED_MODELS = (
-    "ssdlite320_mobilenet_v3_large",
-    "fasterrcnn_resnet50_fpn_v2",
-    "retinanet_resnet50_fpn_v2",
-    "fcos_resnet50_fpn",
-)
-
 
 @dataclass
 class Detections:
@@ -43,37 +33,6 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but this worker sees no CUDA device; use device=auto or device=cpu")
     return torch.device(requested)
-
-
-def load_model(name: str, weights: str) -> tuple[torch.nn.Module, list[str]]:
-    """Builds `name` with `weights` in eval mode and returns it with its class names."""
-    enum = _weights_enum(name, "DEFAULT")
-    categories = list(enum.meta["categories"])
-    if is_weights_path(weights):
-        if not os.path.isfile(weights):
-            raise WeightsError(f"model.weights={weights}: no such file")
-        model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories))
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]  # torchvision reference-script checkpoints wrap the state_dict
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise WeightsError(
-                f"model.weights={weights} does not fit model={name}: {str(exc).splitlines()[0]}"
-            ) from exc
-    else:
-        enum = _weights_enum(name, weights)
-        categories = list(enum.meta["categories"])
-        try:
-            model = get_model(name, weights=enum)
-        except Exception as exc:  # URLError, HTTPError, hash mismatch, ...
-            raise WeightsError(
-                f"could not load torchvision's {enum} weights for model={name} ({type(exc).__name__}: "
-                f"{exc}); they are downloaded from the internet once into the torch hub cache. "
-                f"On a machine without internet pass model.weights=/path/to/state_dict.pth"
-            ) from exc
-    return model.eval(), categories
 
 
 def set_score_threshold(model: torch.nn.Module, threshold: float) -> None:
@@ -118,34 +77,22 @@ class Detector:
     boxes scaled back the way torchvision does.
     """
 
-    def __init__(
-        self,
-        name: str,
-        weights: str,
-        score_threshold: float,
-        device: str = "auto",
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> None:
+    def __init__(self, model_cfg: ModelConfig, score_threshold: float, device: str = "auto") -> None:
         self.device = resolve_device(device)
         self.score_threshold = score_threshold
-        self.precision = precision
-        model, self.class_names = load_model(name, weights)
+        self.precision = precision = model_cfg.precision.value
+        model, self.class_names = build(model_cfg)  # class_names[i] names label i + 1
         set_score_threshold(model, score_threshold)
         fold_batchnorm(model)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self._fast_ssd = isinstance(model, SSD) and getattr(model.transform, "fixed_size", None) is not None
         if self._fast_ssd:
             enable_fast_ssd(model)
-        if compile:  # postprocessing has data-dependent shapes: compiling it would only break graphs
+        if model_cfg.compile:  # postprocessing has data-dependent shapes: compiling it would only break graphs
             model.backbone = torch.compile(model.backbone, dynamic=False)
             if hasattr(model, "head"):  # SSD, RetinaNet, FCOS; Faster R-CNN's heads stay eager
                 model.head = torch.compile(model.head, dynamic=False)
         self._autocast = _autocast(self.device, precision)
-
-    @classmethod
-    def from_config(cls, model: ModelConfig, score_threshold: float, device: str = "auto") -> Detector:
-        return cls(model.name, model.weights, score_threshold, device, model.precision.value, model.compile)
 
     def warm_up(self, batch_size: int) -> None:
         """One throw-away batch: oneDNN/cuDNN pick their kernels on the first call, not on a real video."""
@@ -172,7 +119,9 @@ class Detector:
             scale = torch.tensor([width / resized_w, height / resized_h] * 2, device=frames.device)
         results = []
         for out in outputs:
-            keep = out["scores"] >= self.score_threshold
+            # Label 0 is the background by torchvision's convention; sigmoid heads (RetinaNet, FCOS)
+            # still score it, but it names no object.
+            keep = (out["scores"] >= self.score_threshold) & (out["labels"] > 0)
             boxes = out["boxes"][keep].float()
             if scale is not None:
                 boxes = boxes * scale
@@ -190,26 +139,4 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _weights_enum(name: str, weights: str):
-    try:
-        enum_cls = get_model_weights(name)
-    except (ValueError, KeyError) as exc:
-        raise WeightsError(
-            f"model={name} is not a torchvision model with weights; supported: {', '.join(SUPPORTED_MODELS)}"
-        ) from exc
-    if weights == "DEFAULT":
-        return enum_cls.DEFAULT
-    try:
-        return enum_cls[weights]
-    except KeyError:
-        members = ", ".join(m.name for m in enum_cls)
-        raise WeightsError(
-            f"model.weights={weights} is neither an existing file nor one of {name}'s torchvision "
-            f"weights (DEFAULT, {members}); pass model.weights=/path/to/state_dict.pth"
-        ) from None
-
-
-__all__ = [
-    "Detections", "Detector", "SUPPORTED_MODELS", "WeightsError", "load_model", "resolve_device",
-    "set_score_threshold",
-]
+__all__ = ["Detections", "Detector", "fold_batchnorm", "resolve_device", "set_score_threshold"]

@@ -57,6 +57,7 @@ class RayRuntime:
         saved = {name: os.environ.get(name) for name in WORKER_ENV_VARS}
         if embedded:
             os.environ.update(WORKER_ENV_VARS)
+        log.info("starting Ray (%s)", "embedded" if embedded else address or os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(address=address, **kwargs)
         finally:
@@ -111,7 +112,7 @@ class VideoWorker:
         torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
         # Looked up by name: a handle argument would live in the object store, which restarts need intact.
         self.progress = ray.get_actor(progress_actor)
-        self.detector = Detector.from_config(cfg.model, cfg.score_threshold, cfg.device.value)
+        self.detector = Detector(cfg.model, cfg.score_threshold, cfg.device.value)
         self.settings = for_device(cfg, self.detector.device.type)
         self.output = OutputDir(cfg.output_dir)
         self.detector.warm_up(self.settings.batch_size)

@@ -10,9 +10,9 @@ from importlib.metadata import version
 from typing import Any
 
 from job import __version__
-from job.config import JobConfig, to_plain
+from job.config import to_plain
 from job.discover import Video
-from job.plan import detection_settings
+from job.plan import Plan
 from job.write import OutputDir, VideoStatus
 
 
@@ -58,17 +58,17 @@ def summarize(output_dir: str, videos: list[Video], statuses: dict[str, VideoSta
     )
 
 
-def write_tables(output: OutputDir, cfg: JobConfig, videos: list[Video], statuses: dict[str, VideoStatus],
-                 summary: RunSummary, started_at: datetime, ray_job_id: str | None) -> None:
-    output.write_videos_table([statuses[v.video_id] for v in videos])
-    output.write_manifest(manifest(cfg, started_at, summary, ray_job_id))
+def write_tables(output: OutputDir, plan: Plan, statuses: dict[str, VideoStatus], summary: RunSummary,
+                 started_at: datetime, ray_job_id: str | None) -> None:
+    output.write_videos_table([statuses[v.video_id] for v in plan.videos])
+    output.write_manifest(manifest(plan, started_at, summary, ray_job_id))
 
 
-def manifest(cfg: JobConfig, started_at: datetime, summary: RunSummary, ray_job_id: str | None) -> dict[str, Any]:
+def manifest(plan: Plan, started_at: datetime, summary: RunSummary, ray_job_id: str | None) -> dict[str, Any]:
     return {
         "job_version": __version__,
-        "config": to_plain(cfg),
-        "settings": detection_settings(cfg),
+        "config": to_plain(plan.settings),  # with the class names the run used, when it ran a model
+        "settings": plan.detection_settings,
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "versions": {"python": platform.python_version(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
-from job.config import Device, JobConfig, RayConfig, is_weights_path
+from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, WeightsError
 from job.write import OutputDir, VideoStatus
@@ -20,16 +21,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
+    settings: JobConfig  # the run's settings, the model's classes resolved when there is work
     videos: list[Video]  # every discovered file, in discovery order
     todo: list[Video]  # those without a final status from an earlier run
     finished: dict[str, VideoStatus]  # video_id -> an earlier run's final status
+    detection_settings: dict[str, Any]  # what _state/settings.json holds for this output_dir
 
 
 def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
-    """Discover the videos, check output_dir, record or check the settings, and split done from to-do."""
+    """Discover the videos, check output_dir and the model, record or check the settings, split done from to-do.
+
+    The model is checked (and torch imported) only when there is work, and before the settings
+    are recorded: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
+    """
     videos = discover_videos(cfg.video_dir)
     output.store.check_writable()
-    output.ensure_settings(detection_settings(cfg))
     log.info("found %d videos under %s", len(videos), cfg.video_dir)
     finished: dict[str, VideoStatus] = {}
     todo: list[Video] = []
@@ -39,21 +45,31 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
             finished[video.video_id] = previous
         else:
             todo.append(video)
-    return Plan(videos, todo, finished)
+    settings = detection_settings(cfg)
+    if todo:
+        from job.models import resolve  # imports torch: only when there is something to detect
+
+        cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
+    output.ensure_settings(settings)
+    return Plan(cfg, videos, todo, finished, settings)
 
 
 def detection_settings(cfg: JobConfig) -> dict[str, Any]:
     """Everything the detections depend on; a rerun must match it to add to the same output."""
+    model = cfg.model
     return {
-        "model": cfg.model.name,
-        "weights": weights_identity(cfg.model.name, cfg.model.weights),
-        "precision": cfg.model.precision.value,
+        "model": model._target_ or model.name,
+        "weights": weights_identity(model.name, model.weights, model._target_),
+        "classes": given_classes(model),  # the checkpoint's own names are covered by its sha256
+        "num_classes": model.num_classes,
+        "builder_args": dict(sorted(model.builder_args.items())),
+        "precision": model.precision.value,
         "score_threshold": float(cfg.score_threshold),
         "frame_stride": int(cfg.frame_stride),
     }
 
 
-def weights_identity(name: str, weights: str) -> str:
+def weights_identity(name: str, weights: str, plugin: str | None = None) -> str:
     """A local file by its sha256; torchvision's weights by name and torchvision release.
 
     Computed without importing torch, so the driver stays small (it never runs a model).
@@ -66,6 +82,8 @@ def weights_identity(name: str, weights: str) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         return f"sha256:{digest.hexdigest()}"
+    if plugin:
+        return f"plug-in {plugin}: {weights}"
     return f"torchvision {version('torchvision')}: {name} {weights}"
 
 

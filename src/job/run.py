@@ -22,6 +22,7 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
     started_at, started = datetime.now(timezone.utc), time.monotonic()
     output = OutputDir(cfg.output_dir)
     plan = make_plan(cfg, output)
+    cfg = plan.settings  # the model's classes resolved
     statuses: dict[str, VideoStatus] = dict(plan.finished)
     processing_seconds, ray_job_id = 0.0, None
     if plan.todo:
@@ -37,6 +38,6 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
             processing_seconds, ray_job_id = actor_run.processing_seconds, runtime.job_id()
     summary = summarize(str(cfg.output_dir), plan.videos, statuses, len(plan.finished),
                         [v.video_id for v in plan.todo], time.monotonic() - started, processing_seconds)
-    write_tables(output, cfg, plan.videos, statuses, summary, started_at, ray_job_id)
+    write_tables(output, plan, statuses, summary, started_at, ray_job_id)
     log.info("summary: %s", summary.describe())
     return summary

@@ -90,12 +90,17 @@ def write_video(
     return path
 
 
-def calibrated_state_dict(model_name: str, frames: Sequence[np.ndarray], seed: int = 0) -> dict[str, torch.Tensor]:
-    """A seeded detector whose BatchNorm running statistics are measured on `frames`."""
+def calibrated_state_dict(model_name: str, frames: Sequence[np.ndarray], seed: int = 0, num_classes: int = 91,
+                          **builder_args) -> dict[str, torch.Tensor]:
+    """A seeded detector whose BatchNorm running statistics are measured on `frames`.
+
+    `num_classes` counts the background, as torchvision's builders do (91 for COCO).
+    """
     from torchvision.models import get_model
 
     torch.manual_seed(seed)
-    model = get_model(model_name, weights=None, weights_backbone=None, num_classes=91).eval()
+    model = get_model(model_name, weights=None, weights_backbone=None, num_classes=num_classes,
+                      **builder_args).eval()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()

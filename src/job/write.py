@@ -189,7 +189,11 @@ def detections_frame(
         return pl.DataFrame(schema=PREDICTION_SCHEMA)
     box = np.concatenate(boxes).reshape(-1, 4)
     label = np.concatenate(labels).astype(np.int64)
-    names = np.asarray(class_names, dtype=object)[label]
+    # class_names[i] names label i + 1 (label 0 is the background); a plug-in's stray label gets class_<id>.
+    lookup = np.asarray(["__background__", *class_names,
+                         *(f"class_{i}" for i in range(len(class_names) + 1, int(label.max(initial=0)) + 1))],
+                        dtype=object)
+    names = lookup[label]
     return pl.DataFrame(
         {
             "frame_index": np.repeat(np.fromiter(frame_indices, dtype=np.int64), counts),
