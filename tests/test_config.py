@@ -8,8 +8,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from job.config import Device, for_device
-from job.models import PRESETS
 from job.errors import ConfigError
+from job.models import PRESETS
 
 REQUIRED = ["video_dir=/v", "output_dir=/o"]
 
