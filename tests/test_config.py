@@ -62,11 +62,24 @@ def test_wrong_keys_and_types_fail_at_composition(override, error):
         compose_config([*REQUIRED, override])
 
 
-def test_missing_video_dir_is_an_error():
-    from omegaconf.errors import MissingMandatoryValue
-
-    with pytest.raises(MissingMandatoryValue):
+def test_missing_video_dir_is_a_one_line_error_naming_both_required_keys():
+    with pytest.raises(ConfigError, match="video_dir is required: python -m job video_dir="):
         compose_config(["output_dir=/o"])
+
+
+@pytest.mark.parametrize("override", ["+score_treshold=0.3", "+model.class_names=[a,b]", "+ray.adress=auto"])
+def test_keys_added_with_plus_that_the_schema_lacks_are_refused(override):
+    """Hydra's own hint for a typo is `+key=value`, which would add a key the job silently ignores."""
+    with pytest.raises(ConfigError, match=f"unknown setting {override[1:].split('=')[0]}"):
+        compose_config([*REQUIRED, override])
+
+
+def test_paths_are_expanded_and_made_absolute(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["video_dir='~/videos'", "output_dir=out"])  # Hydra wants ~ quoted
+    assert (cfg.video_dir, cfg.output_dir) == (str(tmp_path / "videos"), str(tmp_path / "out"))
+    assert compose_config(["video_dir=s3://b/v", "output_dir=gs://b/o"]).output_dir == "gs://b/o"
 
 
 @pytest.mark.parametrize("override", ["frame_stride=0", "batch_size=0", "score_threshold=1.5", "ray.num_actors=0"])

@@ -23,7 +23,7 @@ def test_a_missing_video_dir_is_one_line_and_exit_2(tmp_path):
     result = run_cli(f"video_dir={tmp_path / 'nope'}", f"output_dir={tmp_path / 'out'}",
                      f"hydra.run.dir={tmp_path / 'hydra'}")
     assert result.returncode == 2, result.output
-    assert "is not a directory; pass video_dir=" in result.output and "Traceback" not in result.output
+    assert "does not exist; pass video_dir=" in result.output and "Traceback" not in result.output
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from job.config import Device, RayConfig
-from job.errors import ConfigError, SettingsMismatchError
+from job.errors import ConfigError, OutputNotOursError, SettingsMismatchError
 from job.plan import ActorLayout, actor_layout, make_plan
 from job.samples import write_video
 from job.write import OutputDir, VideoStatus
@@ -45,6 +45,18 @@ def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg
 
 def test_plan_refuses_other_detection_settings(tmp_path, make_cfg):
     write_video(tmp_path / "in" / "a.mp4", 2, size=(64, 48))
-    make_plan(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
+    plan = make_plan(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
+    OutputDir(tmp_path / "out").write_status(VideoStatus(video_id=plan.videos[0].video_id, path="a.mp4"))
     with pytest.raises(SettingsMismatchError, match="frame_stride: stored 1, now 2"):
         make_plan(make_cfg(tmp_path / "in", "frame_stride=2"), OutputDir(tmp_path / "out"))
+
+
+def test_a_directory_with_someone_elses_files_is_refused_and_left_alone(tmp_path, make_cfg):
+    write_video(tmp_path / "in" / "a.mp4", 2, size=(64, 48))
+    theirs = tmp_path / "out"
+    theirs.mkdir()
+    (theirs / "videos.parquet").write_bytes(b"a table the user made")
+    with pytest.raises(OutputNotOursError, match=r"already holds files this job did not write \(videos.parquet\)"):
+        make_plan(make_cfg(tmp_path / "in"), OutputDir(theirs))
+    assert sorted(p.name for p in theirs.iterdir()) == ["videos.parquet"]
+    assert (theirs / "videos.parquet").read_bytes() == b"a table the user made"

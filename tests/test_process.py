@@ -69,6 +69,7 @@ def test_resume_from_committed_parts_equals_a_clean_run(tmp_path, make_cfg, dete
     row = process(video, resumed, detector, on_progress=lambda done, expected: calls.append(done))
     assert sum(calls) == 40 - 16  # only the uncommitted frames were detected again
     assert row.status == "ok" and row.frames_processed == 40
+    assert row.frames_this_run == 40 - 16  # what the run's summary counts: not the frames resumed from
     assert predictions(tmp_path / "resumed").equals(predictions(tmp_path / "clean"))
 
 

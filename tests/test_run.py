@@ -74,6 +74,9 @@ def test_awkward_and_bad_inputs_are_recorded_and_do_not_stop_the_run(ray_session
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     for library in ("torch", "torchvision", "decord", "ray", "started_at", "finished_at"):
         assert library in manifest
+    import json
+
+    assert json.loads(manifest)["ray_job_id"], "a single run records its Ray job too"
 
     # A rerun skips everything finished, processes nothing new, and leaves identical tables.
     again = run(cfg)

@@ -62,9 +62,31 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
 def test_settings_mismatch_refuses(tmp_path):
     out = OutputDir(tmp_path)
     out.ensure_settings({"score_threshold": 0.5, "model": "m"})
+    out.commit_part("v-1", 0, 1, rows(1), "zstd")
     out.ensure_settings({"score_threshold": 0.5, "model": "m"})
     with pytest.raises(SettingsMismatchError, match="score_threshold: stored 0.5, now 0.3"):
         out.ensure_settings({"score_threshold": 0.3, "model": "m"})
+
+
+def test_settings_of_a_start_that_wrote_nothing_do_not_lock_the_output(tmp_path):
+    """A first start that failed (weights it could not download) must not refuse the corrected command."""
+    out = OutputDir(tmp_path)
+    out.ensure_settings({"weights": "DEFAULT"})
+    out.ensure_settings({"weights": "/models/mine.pth"})
+    out.write_status(VideoStatus(video_id="a-1", path="a.mp4"))
+    with pytest.raises(SettingsMismatchError, match="weights"):
+        out.ensure_settings({"weights": "DEFAULT"})
+
+
+def test_only_a_directory_without_job_state_and_with_other_files_is_foreign(tmp_path):
+    assert OutputDir(tmp_path / "new").foreign_entries() == []
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / ".hydra_logs").mkdir()
+    assert OutputDir(tmp_path / "theirs").foreign_entries() == []  # Hydra's log dir is made before the job runs
+    (tmp_path / "theirs" / "videos.parquet").write_bytes(b"the user's own table")
+    assert OutputDir(tmp_path / "theirs").foreign_entries() == ["videos.parquet"]
+    (tmp_path / "theirs" / "_state").mkdir()
+    assert OutputDir(tmp_path / "theirs").foreign_entries() == []
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):

@@ -1,7 +1,7 @@
 """`python -m job video_dir=... output_dir=...`: compose the config, check it, run.
 
-A `JobError` is something the user must change: one line, exit code 2. Anything else is a bug and
-keeps its traceback (exit code 1). Either way the log says where the output went.
+A `JobError` is something the user must change: one line, exit code 2. Ctrl-C is one line and exit
+code 130. Anything else is a bug and keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger("job")
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://job.configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     from job.run import run
 
@@ -36,8 +36,11 @@ def main(cfg: DictConfig) -> None:
     except JobError as exc:  # a setting to fix, not a bug: the message says which
         log.error("job stopped: %s", exc)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ray's actors are gone by now (the pool's finally); committed parts stay
+        log.error("interrupted; everything committed so far is kept: rerun the same command to resume")
+        sys.exit(130)
     except Exception:
-        log.exception("job failed; output_dir=%s", cfg.output_dir)
+        log.exception("job failed; output_dir=%s", cfg.get("output_dir"))
         raise
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -129,8 +131,14 @@ def is_weights_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pth", ".pt")) or os.path.exists(weights)
 
 
-def log_dir(output_dir: str) -> str:
-    """Where Hydra keeps a run's log: inside output_dir, or under ./outputs when that is a URI."""
+def log_dir(output_dir: str | None) -> str:
+    """Where Hydra keeps a run's log: inside output_dir, or under ./outputs when that is a URI.
+
+    Without an output_dir (the run stops at once) the log goes to the temp dir, not into the user's cwd.
+    """
+    if not output_dir:
+        return os.path.join(tempfile.gettempdir(), "job-logs")
+    output_dir = os.path.expanduser(output_dir)
     if is_uri(output_dir):
         return "outputs/" + output_dir.replace("://", "/").strip("/")
     return f"{output_dir.removeprefix('file://')}/.hydra_logs"
@@ -148,10 +156,39 @@ def register_configs() -> None:
 
 def load(cfg: DictConfig) -> JobConfig:
     """The composed config as typed settings, checked; raises ConfigError naming the key to fix."""
+    unknown = unknown_keys(cfg, JobConfig)
+    if unknown:  # Hydra's `+key=value` adds keys the schema does not have; they would be ignored
+        raise ConfigError(f"unknown setting {', '.join(unknown)}: check its spelling (python -m job --help lists "
+                          f"the settings)")
+    missing = [key for key in ("video_dir", "output_dir") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: "
+                          f"python -m job video_dir=/path/to/videos output_dir=/path/to/output")
     settings = OmegaConf.to_object(cfg)
     assert isinstance(settings, JobConfig), type(settings)
+    settings.video_dir = _local_path(settings.video_dir)
+    settings.output_dir = _local_path(settings.output_dir)
     validate(settings)
     return settings
+
+
+def _local_path(location: str) -> str:
+    """`~` expanded and made absolute (the manifest records where things were); URIs as given."""
+    if is_uri(location):
+        return location
+    return os.path.abspath(os.path.expanduser(location.removeprefix("file://")))
+
+
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Keys in `node` that the dataclass `schema` does not define (free-form dicts such as builder_args excepted)."""
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in node.keys():
+        if key not in hints:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]):
+            unknown += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return unknown
 
 
 def validate(cfg: JobConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,10 @@ import pyarrow.fs as pafs
 from job.errors import VideoDirError
 from job.storage import filesystem_for, is_uri
 
+log = logging.getLogger(__name__)
+
+# A video_dir with one of these suffixes is a list of paths or URIs, one per line.
+LIST_EXTENSIONS = frozenset({".txt", ".list"})
 # Containers users hand us in practice; matched case-insensitively.
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -37,26 +42,62 @@ def video_id_for(relative_path: str) -> str:
     """
     stem = Path(relative_path).stem
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:40] or "video"
-    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:10]
+    digest = hashlib.sha1(relative_path.encode("utf-8", "surrogateescape")).hexdigest()[:10]
     return f"{slug}-{digest}"
 
 
 def discover_videos(video_dir: str | os.PathLike) -> list[Video]:
-    if is_uri(video_dir):
-        return _discover_remote(str(video_dir))
-    root = Path(video_dir)
-    if not root.is_dir():
-        raise VideoDirError(f"video_dir={video_dir!s} is not a directory; pass video_dir=/path/to/videos")
+    """Every video under a directory or object-store prefix; or one video file; or a list file's entries.
+
+    An entry that cannot be read (a symlink loop, no permission) is still listed, so it gets a
+    `failed` row with the reason instead of stopping the run.
+    """
+    text = str(video_dir)
+    if is_uri(text):
+        videos = _discover_remote(text)
+    elif Path(text).is_file() and Path(text).suffix.lower() in LIST_EXTENSIONS:
+        videos = _listed(Path(text))
+    elif Path(text).is_file():
+        videos = [_video(Path(text).name, str(Path(text).absolute()))]
+    elif Path(text).is_dir():
+        videos = _walk(Path(text))
+    else:
+        raise VideoDirError(f"video_dir={text} does not exist; pass video_dir=/path/to/videos (a directory, a "
+                            f"video file, a .txt list of paths, or an s3:// or gs:// prefix)")
+    if not videos:
+        raise VideoDirError(f"no videos found under video_dir={text}; looked for "
+                            f"{' '.join(sorted(VIDEO_EXTENSIONS))} (any case)")
+    return videos
+
+
+def _walk(root: Path) -> list[Video]:
     videos = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(error: OSError) -> None:
+        log.warning("skipping %s: %s", error.filename, error.strerror or error)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames.sort()
         for name in sorted(filenames):
             if Path(name).suffix.lower() not in VIDEO_EXTENSIONS:
                 continue
-            absolute = Path(dirpath) / name
-            relative = absolute.relative_to(root).as_posix()
-            videos.append(Video(video_id_for(relative), str(absolute.resolve()), relative))
+            absolute = Path(dirpath) / name  # not resolved: a symlink loop must not stop discovery
+            videos.append(_video(absolute.relative_to(root).as_posix(), str(absolute.absolute())))
     return videos
+
+
+def _listed(list_file: Path) -> list[Video]:
+    """A text file of paths or URIs, one per line (blank lines and # comments skipped)."""
+    entries = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines()]
+    entries = [e for e in entries if e and not e.startswith("#")]
+    return [_video(entry, entry if is_uri(entry) else str((list_file.parent / os.path.expanduser(entry)).absolute()))
+            for entry in entries]
+
+
+def _video(relative: str, path: str) -> Video:
+    # File names need not be UTF-8; the tables get a readable form, the decoders the real name.
+    shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return Video(video_id_for(relative), path, shown)
 
 
 def _discover_remote(video_dir: str) -> list[Video]:

@@ -30,6 +30,10 @@ class OutputNotWritableError(JobError):
     """output_dir cannot be written at start-up."""
 
 
+class OutputNotOursError(JobError):
+    """output_dir holds files this job did not write; writing into it could overwrite them."""
+
+
 class SettingsMismatchError(JobError):
     """output_dir holds results made with different detection settings."""
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from job.config import JobConfig, RayConfig
 from job.discover import Video
-from job.errors import JobError, OutputWriteError, WorkersCannotStartError, first_line
+from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
 from job.plan import actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.write import OutputDir, VideoStatus
@@ -53,14 +53,26 @@ class RayRuntime:
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         embedded = address is None and not os.environ.get("RAY_ADDRESS")
         if embedded:
+            # "local" starts a new runtime; None would silently join a `ray start` cluster on this machine.
+            address = "local"
             kwargs.update(num_cpus=self.ray_cfg.num_cpus, include_dashboard=False)
         saved = {name: os.environ.get(name) for name in WORKER_ENV_VARS}
         if embedded:
             os.environ.update(WORKER_ENV_VARS)
         log.info("starting Ray (%s)", "embedded" if embedded else address or os.environ.get("RAY_ADDRESS"))
+        # An embedded runtime lives and dies with this process: Ray's notice about its token is noise here.
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth_level = auth_log.level
+        if embedded:
+            auth_log.setLevel(logging.ERROR)
         try:
             ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            where = f"ray.address={self.ray_cfg.address}" if self.ray_cfg.address else "RAY_ADDRESS"
+            raise ConfigError(f"cannot connect to the Ray cluster at {where} ({first_line(exc)}); start one with "
+                              f"`ray start --head`, or leave ray.address unset for an embedded Ray") from None
         finally:
+            auth_log.setLevel(auth_level)
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
@@ -112,10 +124,23 @@ class VideoWorker:
         torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
         # Looked up by name: a handle argument would live in the object store, which restarts need intact.
         self.progress = ray.get_actor(progress_actor)
-        self.detector = Detector(cfg.model, cfg.score_threshold, cfg.device.value)
+        # What the user must fix (weights, device, plug-in) is reported by `ready`, not raised here:
+        # Ray would print the worker's whole traceback for a failed constructor.
+        self.startup_error: str | None = None
+        try:
+            self.detector = Detector(cfg.model, cfg.score_threshold, cfg.device.value)
+        except JobError as exc:
+            self.startup_error = str(exc)
+            return
         self.settings = for_device(cfg, self.detector.device.type)
         self.output = OutputDir(cfg.output_dir)
         self.detector.warm_up(self.settings.batch_size)
+
+    def ready(self) -> tuple[str | None, str | None]:
+        """(device, None) once the model is loaded and warm, or (None, what the user must fix)."""
+        if self.startup_error is not None:
+            return None, self.startup_error
+        return str(self.detector.device), None
 
     def device(self) -> str:
         return str(self.detector.device)
@@ -198,9 +223,12 @@ class ActorRun:
         ]
         bar = tqdm(total=0, unit="frame", desc="detecting", dynamic_ncols=True, mininterval=1.0)
 
+        videos_done = 0
+
         def update_bar() -> None:
             done, expected = ray.get(progress.read.remote())
-            bar.total = max(expected, done)
+            bar.total = max(expected, done)  # grows as actors open videos: containers say how many frames
+            bar.set_postfix_str(f"{videos_done}/{len(todo)} videos", refresh=False)
             bar.update(done - bar.n)
 
         try:
@@ -208,7 +236,9 @@ class ActorRun:
             log.info("actors ready on %s", ", ".join(sorted(set(devices))))
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(), cfg.ray.max_video_attempts, output.write_status)
-            yield from pool.run(todo, tick=update_bar)
+            for status in pool.run(todo, tick=update_bar):
+                videos_done += 1
+                yield status
             self.processing_seconds = time.monotonic() - ready_at
         finally:
             bar.close()
@@ -220,11 +250,19 @@ class ActorRun:
 def _wait_until_ready(actors: list[Any]) -> list[str]:
     """Surface a model that cannot load (bad weights, no internet) once, not as a failure per video."""
     try:
-        return ray.get([actor.device.remote() for actor in actors])
+        answers = ray.get([actor.ready.remote() for actor in actors])
     except RayActorError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), JobError) else None
-        reason = str(cause) if cause is not None else root_cause(exc)
-        raise WorkersCannotStartError(f"the Ray workers could not load the model: {reason}") from None
+        reason = root_cause(exc)
+        if "No module named 'job'" in str(exc):
+            raise WorkersCannotStartError(
+                "the Ray workers cannot import the job package (No module named 'job'): install the project on "
+                "every node, or submit with the runtime_env the README's cluster section shows"
+            ) from None
+        raise WorkersCannotStartError(f"the Ray workers could not start: {reason}") from None
+    errors = sorted({error for _, error in answers if error})
+    if errors:
+        raise WorkersCannotStartError(f"the Ray workers could not load the model: {errors[0]}")
+    return [device for device, _ in answers]
 
 
 def root_cause(exc: BaseException) -> str:

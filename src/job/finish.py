@@ -24,7 +24,7 @@ class RunSummary:
     partial: int = 0
     failed: int = 0
     skipped: int = 0
-    frames: int = 0
+    frames: int = 0  # detected by this run (not the frames an earlier, interrupted run committed)
     detections: int = 0
     seconds: float = 0.0
     # From the actors being ready (Ray started, model loaded and warm) to the last video done.
@@ -51,7 +51,7 @@ def summarize(output_dir: str, videos: list[Video], statuses: dict[str, VideoSta
         partial=sum(s.status == "partial" for s in ordered),
         failed=sum(s.status == "failed" for s in ordered),
         skipped=skipped,
-        frames=sum(statuses[video_id].frames_processed or 0 for video_id in processed),
+        frames=sum(statuses[video_id].frames_this_run for video_id in processed),
         detections=sum(s.detections or 0 for s in ordered),
         seconds=seconds,
         processing_seconds=processing_seconds,

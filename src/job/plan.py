@@ -13,7 +13,7 @@ from typing import Any
 
 from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
-from job.errors import ConfigError, WeightsError
+from job.errors import ConfigError, OutputNotOursError, WeightsError
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,13 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
     are recorded: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
     """
     videos = discover_videos(cfg.video_dir)
+    foreign = output.foreign_entries()
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputNotOursError(
+            f"output_dir={cfg.output_dir} already holds files this job did not write ({shown}); pass a new or "
+            f"empty directory (or one this job wrote, to resume it)"
+        )
     output.store.check_writable()
     log.info("found %d videos under %s", len(videos), cfg.video_dir)
     finished: dict[str, VideoStatus] = {}

@@ -99,6 +99,7 @@ def _process_local(
     frame_count = progress.frames_decoded
     status.frame_count = frame_count
     status.frames_processed = committer.frames_processed
+    status.frames_this_run = committer.frames_processed - math.ceil(start / stride)
     status.detections = committer.detections
     damage = failure or progress.damage or _missing_frames(info, frame_count)
     if damage is None:

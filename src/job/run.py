@@ -31,11 +31,12 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
         log.info("%d to process, %d already done", len(plan.todo), len(plan.finished))
         with RayRuntime(cfg.ray, keep=keep_ray) as runtime:
             actor_run = ActorRun(plan.todo, cfg, runtime, output)
+            ray_job_id = runtime.job_id()
             for status in actor_run:
                 statuses[status.video_id] = status
                 if status.error:
                     log.warning("%s: %s: %s", status.path, status.status, status.error)
-            processing_seconds, ray_job_id = actor_run.processing_seconds, runtime.job_id()
+            processing_seconds = actor_run.processing_seconds
     summary = summarize(str(cfg.output_dir), plan.videos, statuses, len(plan.finished),
                         [v.video_id for v in plan.todo], time.monotonic() - started, processing_seconds)
     write_tables(output, plan, statuses, summary, started_at, ray_job_id)

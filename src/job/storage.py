@@ -84,6 +84,11 @@ class Store:
         selector = pafs.FileSelector(self.path(relative_dir), allow_not_found=True)
         return [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
 
+    def entries(self, relative_dir: str = "") -> list[str]:
+        """Names of the files and directories directly under `relative_dir` (none if it does not exist)."""
+        selector = pafs.FileSelector(self.path(relative_dir) if relative_dir else self.root, allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector)]
+
     def delete(self, relative: str) -> None:
         try:
             self.fs.delete_file(self.path(relative))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import pyarrow.parquet as pq
 
 from job.errors import SettingsMismatchError
 from job.storage import Store
+
+log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions"
 VIDEOS_TABLE = "videos.parquet"
@@ -72,9 +75,11 @@ class VideoStatus:
     attempts: int = _column(pl.Int64, 1)
     worker: str | None = _column(pl.String)  # host:pid of the Ray actor that finished it
     device: str | None = _column(pl.String)
-    # Whether a rerun should try again: not for facts about the file, yes for crashes and bugs.
-    # Kept in the status record, not in the table.
+    # Kept in the status record, not in the table: whether a rerun should try again (not for facts
+    # about the file, yes for crashes and bugs), and the frames this attempt detected (the rest of
+    # frames_processed was committed by an earlier run).
     retryable: bool = False
+    frames_this_run: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
@@ -120,14 +125,29 @@ class OutputDir:
         if stored_bytes is not None:
             stored = json.loads(stored_bytes)
             changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
-            if changed:
+            if not changed:
+                return
+            if self.has_results():
                 described = ", ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in changed.items())
                 raise SettingsMismatchError(
                     f"output_dir={self.location} holds detections made with other settings ({described}); "
                     f"mixing them would corrupt the table. Use a new output_dir, or rerun with the stored settings."
                 )
-            return
+            # An earlier start failed before detecting anything (e.g. weights it could not load): its
+            # settings protect nothing, so the corrected command may go ahead.
+            log.warning("output_dir=%s: replacing the settings of an earlier run that wrote no results", self.location)
         self.store.put(f"{STATE}/settings.json", _json_bytes(settings))
+
+    def has_results(self) -> bool:
+        """Whether any video has committed a part or a final status here."""
+        return bool(self.store.entries(PREDICTIONS)) or bool(self.store.names(f"{STATE}/videos"))
+
+    def foreign_entries(self) -> list[str]:
+        """What output_dir holds that this job did not write, when it holds no job state at all."""
+        entries = self.store.entries()
+        if STATE in entries:
+            return []
+        return sorted(name for name in entries if name != ".hydra_logs")
 
     def committed_end(self, video_id: str) -> int:
         """Frame index a rerun resumes at; removes temp files and parts outside the chain from 0."""

@@ -1,0 +1,1 @@
+"""The Hydra config, installed as the package `job.configs` (see pyproject.toml)."""
