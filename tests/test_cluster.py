@@ -97,3 +97,59 @@ def test_job_submitted_to_a_two_node_cluster(ray_cluster, weights_path, tmp_path
     videos = pl.read_parquet(out / "videos.parquet")
     assert sorted(videos.filter(pl.col("status") == "ok")["path"]) == ["clip 0.mp4", "clip 1.mp4", "clip 2.mp4"]
     assert (out / "manifest.json").exists()
+
+
+@pytest.fixture
+def python_without_the_project(tmp_path_factory) -> Path:
+    """A venv whose Python has every dependency but cannot import `job`, like a node image with only the deps.
+
+    It sees this environment's site-packages through a .pth line; the editable install of `job` lives in
+    a .pth *file* of that directory, which Python only runs for its own site directories.
+    """
+    env_dir = tmp_path_factory.mktemp("nodeenv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    ours = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (site / "deps.pth").write_text(f"{ours}\n")
+    python = env_dir / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import torch, ray, hydra; import job"], capture_output=True,
+                           text=True, timeout=120, cwd=env_dir)
+    assert "No module named 'job'" in probe.stderr, probe.stderr[-2000:]
+    return python
+
+
+def test_the_readme_submit_command_on_a_cluster_whose_python_lacks_the_project(python_without_the_project,
+                                                                              weights_path, tmp_path):
+    """Without the README's PYTHONPATH=src the entrypoint fails with `No module named job` (checked by hand)."""
+    python = str(python_without_the_project)
+    ray_cli = [python, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
+    temp_dir = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)
+    gcs_port, dashboard_port = free_port(), free_port()
+    for i in range(2):
+        write_video(tmp_path / "in" / f"clip {i}.mp4", 8, size=(160, 120))
+    out = tmp_path / "out"
+    try:
+        subprocess.run([*ray_cli, "start", "--head", "--num-cpus=2", f"--port={gcs_port}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+                        "--disable-usage-stats", *node_ports()], check=True, env=env, capture_output=True, timeout=120)
+        # The README's command, as written (the excludes only keep the upload small here).
+        command = [*ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir",
+                   str(REPO), "--runtime-env-json",
+                   json.dumps({"env_vars": {"PYTHONPATH": "src"}, "excludes": [".venv/", ".git/", "demo/"]}), "--",
+                   "python", "-m", "job", f"video_dir={tmp_path / 'in'}", f"output_dir={out}",
+                   f"model.weights={weights_path}", "score_threshold=0.25", "ray.num_actors=2", "ray.cpus_per_actor=1"]
+        deadline = time.monotonic() + 120
+        while True:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            logs = result.stdout + result.stderr
+            if "No available agent to submit job" not in logs or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    finally:
+        kill_processes_under(temp_dir)
+    assert result.returncode == 0, logs[-6000:]
+    assert "summary: 2 videos: 2 ok" in logs
+    assert pl.read_parquet(out / "videos.parquet")["status"].to_list() == ["ok", "ok"]

@@ -67,7 +67,8 @@ def test_two_by_two_sweep_then_compare(tmp_path):
     runs = runs_table(out)
     assert runs.height == 4 and runs["frames"].to_list() == [2, 2, 2, 2]
     per_class = per_class_table(out)
-    low = per_class.select(pl.col(f"frame_stride=2,model={MODELS[0]},score_threshold=0.05").sum()).item()
-    high = per_class.select(pl.col(f"frame_stride=2,model={MODELS[0]},score_threshold=0.3").sum()).item()
+    label = dict(zip(runs["run"], runs["label"]))
+    low = per_class.select(pl.col(label[f"frame_stride=2,model={MODELS[0]},score_threshold=0.05"]).sum()).item()
+    high = per_class.select(pl.col(label[f"frame_stride=2,model={MODELS[0]},score_threshold=0.3"]).sum()).item()
     assert low >= high and low > 0  # a lower threshold keeps at least as many boxes
 

@@ -6,8 +6,10 @@ code 130. Anything else is a bug and keeps its traceback (exit code 1).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,9 +21,14 @@ from job.errors import JobError
 
 log = logging.getLogger("job")
 register_configs()
+# Installed, the config is the package job.configs (pyproject.toml maps configs/ to it). Run from a
+# source tree with PYTHONPATH=src (as `ray job submit --working-dir .` does, see README), it is the
+# tree's configs/ directory.
+CONFIG_PATH = ("pkg://job.configs" if importlib.util.find_spec("job.configs")
+               else str(Path(__file__).resolve().parents[2] / "configs"))
 
 
-@hydra.main(version_base="1.3", config_path="pkg://job.configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
     from job.run import run
 

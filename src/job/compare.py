@@ -1,7 +1,9 @@
 """Line up the runs of a sweep side by side: `python -m job.compare OUTPUT_DIR`.
 
-Reads every run (a directory with a manifest.json) directly under OUTPUT_DIR and prints, with polars,
-one row per run (settings, frames, detections, frames/s) and detections per class, one column per run.
+OUTPUT_DIR is a sweep's output_dir (its runs are the directories under it) or one run's output_dir.
+Prints, with polars, one row per run (a short label, its settings, frames, detections, frames/s;
+a run without a manifest is listed as failed or unfinished) and detections per class, one column
+per run label.
 """
 
 from __future__ import annotations
@@ -12,32 +14,45 @@ from pathlib import Path
 
 import polars as pl
 
-from job.write import MANIFEST, scan_predictions
+from job.write import MANIFEST, STATE, scan_predictions
 
 
-def find_runs(sweep_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in sweep_dir.glob(f"*/{MANIFEST}"))
+def find_runs(output_dir: Path) -> list[Path]:
+    """The run directories: OUTPUT_DIR itself if it is one, else those directly under it."""
+    if (output_dir / MANIFEST).exists() or (output_dir / STATE).exists():
+        return [output_dir]
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and ((p / MANIFEST).exists() or (p / STATE).exists()))
 
 
-def runs_table(sweep_dir: Path) -> pl.DataFrame:
+def _label(index: int) -> str:
+    return f"run{index + 1}"
+
+
+def runs_table(output_dir: Path) -> pl.DataFrame:
     rows = []
-    for run_dir in find_runs(sweep_dir):
+    for index, run_dir in enumerate(find_runs(output_dir)):
+        row = {"label": _label(index), "run": run_dir.name, "status": "done", "model": None, "score_threshold": None,
+               "frame_stride": None, "videos": None, "frames": None, "detections": None, "frames_per_s": None}
+        if not (run_dir / MANIFEST).exists():
+            row["status"] = "failed or unfinished: no manifest.json (see its log under .hydra_logs/)"
+            rows.append(row)
+            continue
         manifest = json.loads((run_dir / MANIFEST).read_text())
         settings, totals = manifest["settings"], manifest["totals"]
         steady = totals.get("processing_seconds") or 0.0
-        rows.append({
-            "run": run_dir.name, "model": settings["model"], "score_threshold": settings["score_threshold"],
-            "frame_stride": settings["frame_stride"], "videos": totals["videos"], "frames": totals["frames"],
-            "detections": totals["detections"],
-            "frames_per_s": round(totals["frames"] / steady, 2) if steady else None,
-        })
-    return pl.DataFrame(rows)
+        row.update(model=settings["model"], score_threshold=settings["score_threshold"],
+                   frame_stride=settings["frame_stride"], videos=totals["videos"], frames=totals["frames"],
+                   detections=totals["detections"],
+                   frames_per_s=round(totals["frames"] / steady, 2) if steady else None)
+        rows.append(row)
+    return pl.DataFrame(rows, schema_overrides={"score_threshold": pl.Float64, "frames_per_s": pl.Float64})
 
 
-def per_class_table(sweep_dir: Path) -> pl.DataFrame:
+def per_class_table(output_dir: Path) -> pl.DataFrame:
+    """Detections per class, one column per run label (`runs_table` says which run a label is)."""
     counts = [
-        scan_predictions(run_dir).group_by("class_name").len().rename({"len": run_dir.name}).collect()
-        for run_dir in find_runs(sweep_dir)
+        scan_predictions(str(run_dir)).group_by("class_name").len().rename({"len": _label(index)}).collect()
+        for index, run_dir in enumerate(find_runs(output_dir))
         if any((run_dir / "predictions").glob("*/*.parquet"))
     ]
     if not counts:
@@ -49,16 +64,16 @@ def per_class_table(sweep_dir: Path) -> pl.DataFrame:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip(), file=sys.stderr)
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stderr if len(argv) != 1 else sys.stdout)
+        return 0 if argv in (["-h"], ["--help"]) else 2
+    output_dir = Path(argv[0])
+    if not output_dir.is_dir() or not find_runs(output_dir):
+        print(f"no runs (directories with {MANIFEST} or {STATE}/) at or under {output_dir}", file=sys.stderr)
         return 2
-    sweep_dir = Path(argv[0])
-    if not find_runs(sweep_dir):
-        print(f"no runs (directories with {MANIFEST}) under {sweep_dir}", file=sys.stderr)
-        return 1
-    with pl.Config(tbl_rows=200, tbl_cols=50, tbl_width_chars=200):
-        print(runs_table(sweep_dir))
-        print(per_class_table(sweep_dir))
+    with pl.Config(tbl_rows=200, tbl_cols=50, tbl_width_chars=250, fmt_str_lengths=120):
+        print(runs_table(output_dir))
+        print(per_class_table(output_dir))
     return 0
 
 
