@@ -153,3 +153,26 @@ def test_the_readme_submit_command_on_a_cluster_whose_python_lacks_the_project(p
     assert result.returncode == 0, logs[-6000:]
     assert "summary: 2 videos: 2 ok" in logs
     assert pl.read_parquet(out / "videos.parquet")["status"].to_list() == ["ok", "ok"]
+
+
+def test_an_embedded_run_does_not_join_a_ray_start_cluster_on_the_same_machine(weights_path, tmp_path):
+    """`ray start` leaves its address in RAY_TMPDIR/ray/ray_current_cluster, which a plain ray.init() joins."""
+    ray_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    write_video(tmp_path / "in" / "clip.mp4", 8, size=(160, 120))
+    try:
+        subprocess.run([RAY, "start", "--head", "--num-cpus=1", f"--port={free_port()}", "--include-dashboard=false",
+                        "--disable-usage-stats", *node_ports()], check=True, env=env, capture_output=True, timeout=120)
+        assert (Path(ray_tmp) / "ray" / "ray_current_cluster").exists()
+        result = subprocess.run(
+            [sys.executable, "-m", "job", f"video_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}",
+             f"model.weights={weights_path}", "score_threshold=0.25", "ray.num_cpus=2",
+             f"hydra.run.dir={tmp_path / 'h'}"],
+            env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_processes_under(ray_tmp)
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0, logs[-4000:]
+    # Joining the 1-CPU cluster would have refused ray.num_cpus (a setting for a new runtime) or run on 1 CPU.
+    assert "starting Ray (embedded)" in logs and "starting 1 actors (2 CPU" in logs
