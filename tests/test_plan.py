@@ -8,6 +8,7 @@ from job.config import Device, RayConfig
 from job.errors import ConfigError, OutputNotOursError, SettingsMismatchError
 from job.plan import ActorLayout, actor_layout, make_plan
 from job.samples import write_video
+from job.storage import fingerprint
 from job.write import OutputDir, VideoStatus
 
 
@@ -35,12 +36,20 @@ def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg
     output = OutputDir(cfg.output_dir)
     first = make_plan(cfg, output)
     assert [v.relative_path for v in first.todo] == ["a.mp4", "b.mp4", "c.mp4"] and not first.finished
-    a, b, _ = first.videos
-    output.write_status(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok"))
-    output.write_status(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True))
+    a, b, c = first.videos
+    output.write_status(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok",
+                                    fingerprint=fingerprint(a.path)))
+    output.write_status(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True,
+                                    fingerprint=fingerprint(b.path)))
     again = make_plan(cfg, output)
     assert [v.relative_path for v in again.todo] == ["b.mp4", "c.mp4"]
     assert list(again.finished) == [a.video_id]
+    # A finished video whose file was replaced is done again; so is a failed one (e.g. copied in since).
+    output.write_status(VideoStatus(video_id=c.video_id, path=c.relative_path, fingerprint=fingerprint(c.path)))
+    write_video(tmp_path / "in" / "a.mp4", 3, size=(64, 48))
+    with open(tmp_path / "in" / "c.mp4", "ab") as grown:
+        grown.write(b"the rest of a file still being copied")
+    assert [v.relative_path for v in make_plan(cfg, output).todo] == ["a.mp4", "b.mp4", "c.mp4"]
 
 
 def test_plan_refuses_other_detection_settings(tmp_path, make_cfg):

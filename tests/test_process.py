@@ -146,3 +146,32 @@ def test_videos_table_rows_are_typed(tmp_path, make_cfg, detector):
     table = pl.read_parquet(tmp_path / "out" / "videos.parquet")
     assert table.row(0, named=True)["status"] == "failed"
     assert table.row(0, named=True)["error"] == "empty file (0 bytes)"
+
+
+def test_a_video_replaced_after_it_was_done_or_between_a_kill_and_the_rerun_is_detected_again(tmp_path, make_cfg,
+                                                                                              detector):
+    """Never old content's rows next to new content's: the result equals a clean run of the new file."""
+    import shutil
+
+    from job.samples import scene
+
+    old = [scene(i, 320, 240, seed=1) for i in range(24)]
+    new = [scene(i, 320, 240, seed=2) for i in range(40)]
+    write_video(tmp_path / "new" / "v.mp4", new, size=(320, 240))
+    clean = make_cfg(tmp_path / "new", "output.commit_every_frames=8", output_dir=tmp_path / "clean")
+    process(only_video(tmp_path / "new"), clean, detector)
+
+    for when in ("finished", "killed"):
+        out = tmp_path / when
+        write_video(tmp_path / when / "in" / "v.mp4", old, size=(320, 240))
+        cfg = make_cfg(tmp_path / when / "in", "output.commit_every_frames=8", output_dir=out / "out")
+        video = only_video(tmp_path / when / "in")
+        process(video, cfg, detector)
+        if when == "killed":  # keep only the first two parts and no final status, as a kill -9 would
+            for part in sorted((out / "out" / write.partition(video.video_id)).glob("part-*.parquet"))[2:]:
+                part.unlink()
+            (out / "out" / "_state" / "videos" / f"{video.video_id}.json").unlink()
+        shutil.copyfile(tmp_path / "new" / "v.mp4", tmp_path / when / "in" / "v.mp4")  # the same bytes as clean's
+        row = process(video, cfg, detector)
+        assert row.status == "ok" and row.frame_count == 40, (when, row)
+        assert predictions(out / "out").equals(predictions(tmp_path / "clean")), when

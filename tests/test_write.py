@@ -29,7 +29,6 @@ def test_parts_chain_and_resume_point(tmp_path):
     out.commit_part("v-1", 10, 25, rows(15, 10), "zstd")
     assert out.committed_end("v-1") == 25
     directory = tmp_path / write.partition("v-1")
-    (directory / ".part-0000000025-0000000030.parquet.abc.tmp").write_bytes(b"torn")
     out.commit_part("v-1", 40, 50, rows(10, 40), "zstd")  # a gap: must not be trusted
     assert out.committed_end("v-1") == 25
     assert sorted(p.name for p in directory.iterdir()) == [
@@ -120,3 +119,14 @@ def test_a_failed_write_is_the_one_output_error_and_names_the_output(tmp_path):
     blocker.write_text("a file where a directory should be")
     with pytest.raises(OutputWriteError, match="rerun the same command to resume"):
         OutputDir(blocker).commit_part("v-1", 0, 1, rows(1), "zstd")
+
+
+def test_writes_are_staged_outside_the_partitions_so_a_video_reads_alone_mid_run(tmp_path):
+    """pl.read_parquet on one partition fails if it holds anything but .parquet parts."""
+    out = OutputDir(tmp_path)
+    out.commit_part("v-1", 0, 10, rows(10), "zstd")
+    torn = tmp_path / "_state" / "tmp" / ".part-0000000010-0000000020.parquet.abc.tmp"
+    torn.write_bytes(b"a write killed before its rename")
+    assert [p.name for p in (tmp_path / write.partition("v-1")).iterdir()] == ["part-0000000000-0000000010.parquet"]
+    assert pl.read_parquet(tmp_path / write.partition("v-1")).height == 10
+    assert out.committed_end("v-1") == 10

@@ -14,6 +14,7 @@ from typing import Any
 from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
+from job.storage import fingerprint
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
     todo: list[Video] = []
     for video in videos:
         previous = output.read_status(video.video_id)
-        if previous is not None and not previous.retryable:
+        if previous is not None and not previous.retryable and not _changed(video, previous):
             finished[video.video_id] = previous
         else:
             todo.append(video)
@@ -59,6 +60,18 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
         cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
     output.ensure_settings(settings)
     return Plan(cfg, videos, todo, finished, settings)
+
+
+def _changed(video: Video, previous: VideoStatus) -> bool:
+    """Whether the file's content differs from what its final status was made from."""
+    try:
+        now = fingerprint(video.path)
+    except OSError:
+        now = None
+    if now != previous.fingerprint:
+        log.info("%s changed since it was processed: processing it again", video.relative_path)
+        return True
+    return False
 
 
 def detection_settings(cfg: JobConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_b
 from job.detect import Detector
 from job.discover import Video
 from job.errors import FetchError, OutputWriteError
-from job.storage import local_copy
+from job.storage import fingerprint, local_copy
 from job.write import OutputDir, VideoStatus, detections_frame
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,12 @@ def process_video(video: Video, settings: JobConfig, output: OutputDir, detector
     Never raises for a bad video: the reason goes into the status's `error`.
     """
     try:
+        content = fingerprint(video.path)
+    except OSError:
+        content = None  # unreadable: probe says why
+    try:
         with local_copy(video.path) as path:
-            return _process_local(video, path, settings, output, detector, on_progress, attempts)
+            return _process_local(video, path, settings, output, detector, content, on_progress, attempts)
     except FetchError as exc:  # the object store would not give us the video
         status = _new_status(video, detector, attempts)
         status.error, status.retryable = f"cannot fetch the video: {exc}", True
@@ -59,6 +63,7 @@ def _process_local(
     settings: JobConfig,
     output: OutputDir,
     detector: Detector,
+    content: str | None,
     on_progress: ProgressCallback | None = None,
     attempts: int = 1,
 ) -> VideoStatus:
@@ -66,6 +71,7 @@ def _process_local(
     stride = settings.frame_stride
     started = time.monotonic()
     status = _new_status(video, detector, attempts)
+    status.fingerprint = content
     try:
         info = probe(path)
     except VideoError as exc:
@@ -74,7 +80,7 @@ def _process_local(
     status.width, status.height, status.fps = info.width, info.height, info.fps
     status.duration_s, status.codec, status.rotation = info.duration_s, info.codec, info.rotation
 
-    start = output.committed_end(video.video_id)
+    start = output.resume_point(video.video_id, content)
     expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
     on_progress(0, max(0, math.ceil(expected / stride) - math.ceil(start / stride)))
     committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names)

@@ -8,6 +8,7 @@ Write failures become the one `OutputWriteError` here, so no caller has to trans
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,6 +21,9 @@ from typing import IO
 import pyarrow.fs as pafs
 
 from job.errors import FetchError, OutputNotWritableError, OutputWriteError
+
+# Local writes are staged here, outside the directories readers list (uniquely named: never shared).
+TMP_DIR = "_state/tmp"
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -62,7 +66,7 @@ class Store:
     def put(self, relative: str, data: bytes) -> None:
         try:
             if self.local:
-                atomic_write(Path(self.path(relative)), lambda handle: handle.write(data))
+                atomic_write(Path(self.path(relative)), lambda handle: handle.write(data), Path(self.path(TMP_DIR)))
             else:
                 with self.fs.open_output_stream(self.path(relative)) as stream:
                     stream.write(data)
@@ -111,10 +115,16 @@ class Store:
             ) from exc
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write through `write(handle)` to a hidden temp file, fsync, rename over `path`, fsync the dir."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tmp_dir: Path | None = None) -> None:
+    """Write through `write(handle)` to a temp file, fsync, rename over `path`, fsync the dir.
+
+    The temp file lives in `tmp_dir` (on the same filesystem) when given, so the directory of `path`
+    only ever holds complete files: a reader of a partition never meets a half-written part.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp_parent = tmp_dir or path.parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as handle:
             write(handle)
@@ -129,6 +139,23 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fingerprint(path: str, sample: int = 1 << 20) -> str:
+    """What identifies a video's content cheaply: size, modification time, and a hash of its first and
+    last MiB. A file replaced, or still being copied in, gets another fingerprint; an untouched one keeps it.
+    """
+    fs, where = filesystem_for(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
+    info = fs.get_file_info(where)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(path)
+    digest = hashlib.sha1()
+    with fs.open_input_file(where) as handle:
+        digest.update(handle.read_at(min(sample, info.size), 0))
+        if info.size > sample:
+            digest.update(handle.read_at(sample, max(sample, info.size - sample)))
+    mtime = info.mtime_ns if info.mtime_ns is not None else 0
+    return f"{info.size}:{mtime}:{digest.hexdigest()}"
 
 
 @contextmanager

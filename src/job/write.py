@@ -80,6 +80,7 @@ class VideoStatus:
     # frames_processed was committed by an earlier run).
     retryable: bool = False
     frames_this_run: int = 0
+    fingerprint: str | None = None  # storage.fingerprint of the content the detections came from
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
@@ -157,8 +158,6 @@ class OutputDir:
             match = _PART.match(name)
             if match:
                 parts.append((int(match.group(1)), int(match.group(2)), name))
-            elif name.endswith(".tmp"):
-                self.store.delete(f"{directory}/{name}")  # a local write that was killed before its rename
         end = 0
         for start, stop, name in sorted(parts):
             if start == end:
@@ -166,6 +165,24 @@ class OutputDir:
             else:
                 self.store.delete(f"{directory}/{name}")  # cannot happen with sequential commits; never keep a gap
         return end
+
+    def resume_point(self, video_id: str, fingerprint: str | None) -> int:
+        """Where to resume `video_id` whose content now has `fingerprint`: after its committed parts, or at 0.
+
+        Parts of other content (the file was replaced since they were committed) are deleted first,
+        with the video's status; the fingerprint is recorded before the first new part is committed.
+        """
+        record = f"{STATE}/progress/{video_id}.json"
+        stored = self.store.get(record)
+        if stored is not None and json.loads(stored).get("fingerprint") == fingerprint:
+            return self.committed_end(video_id)
+        if stored is not None:
+            log.warning("%s changed since its detections were made: detecting it again", video_id)
+            self.store.delete(f"{STATE}/videos/{video_id}.json")
+            for name in self.store.names(partition(video_id)):
+                self.store.delete(f"{partition(video_id)}/{name}")
+        self.store.put(record, _json_bytes({"fingerprint": fingerprint}))
+        return self.committed_end(video_id)
 
     def commit_part(self, video_id: str, start: int, end: int, rows: pl.DataFrame, compression: str) -> None:
         data = _parquet_bytes(rows, compression=compression, statistics=True)
