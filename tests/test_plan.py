@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from job.config import Device, RayConfig
@@ -69,3 +70,34 @@ def test_a_directory_with_someone_elses_files_is_refused_and_left_alone(tmp_path
         make_plan(make_cfg(tmp_path / "in"), OutputDir(theirs))
     assert sorted(p.name for p in theirs.iterdir()) == ["videos.parquet"]
     assert (theirs / "videos.parquet").read_bytes() == b"a table the user made"
+
+
+def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, make_cfg):
+    from job.write import detections_frame
+
+    for name in ("a.mp4", "b.mp4"):
+        write_video(tmp_path / "in" / name, 2, size=(64, 48))
+    cfg = make_cfg(tmp_path / "in")
+    output = OutputDir(cfg.output_dir)
+    a, b = make_plan(cfg, output).videos
+    for video in (a, b):  # a finished video, and b: started (one part) but never finished
+        output.resume_point(video.video_id, fingerprint(video.path), video.relative_path)
+        output.commit_part(video.video_id, 0, 1, detections_frame([0], [0.0], [np.zeros((1, 4), np.float32)],
+                                                                   [np.ones(1, np.float32)], [np.ones(1, int)], ["x"]),
+                           "zstd")
+    output.write_status(VideoStatus(video_id=a.video_id, path="a.mp4", status="ok", detections=1,
+                                    fingerprint=fingerprint(a.path)))
+    (tmp_path / "in" / "a.mp4").rename(tmp_path / "in" / "renamed.mp4")
+    (tmp_path / "in" / "b.mp4").unlink()
+    plan = make_plan(cfg, output)
+    assert [v.relative_path for v in plan.todo] == ["renamed.mp4"]
+    gone = {s.path: s for s in plan.missing}
+    assert set(gone) == {"a.mp4", "b.mp4"} and {s.status for s in gone.values()} == {"missing"}
+    assert gone["a.mp4"].detections == 1 and gone["b.mp4"].detections == 1
+    assert "prune=true" in gone["a.mp4"].error
+    assert (tmp_path / "out" / "predictions" / f"video_id={a.video_id}").exists(), "kept unless pruned"
+
+    pruned = make_plan(make_cfg(tmp_path / "in", "prune=true"), output)
+    assert pruned.missing == []
+    assert output.recorded_video_ids() == set()
+    assert not (tmp_path / "out" / "predictions" / f"video_id={a.video_id}").exists()

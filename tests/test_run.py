@@ -213,3 +213,24 @@ def test_progress_is_batched_and_nothing_is_lost_at_the_end(ray_session):
     eager(2, 0)
     assert ray.get(counter.read.remote()) == (42, 100)
     ray.kill(counter)
+
+
+def test_a_deleted_video_keeps_its_row_as_missing_until_pruned(ray_session, make_cfg, tmp_path):
+    from job.samples import write_video
+
+    for name in ("a.mp4", "b.mkv"):
+        write_video(tmp_path / "in" / name, 12, size=(320, 240))
+    run(make_cfg(tmp_path / "in"))
+    out = tmp_path / "out"
+    before = all_predictions(out)
+    (tmp_path / "in" / "b.mkv").unlink()
+    summary = run(make_cfg(tmp_path / "in"))
+    assert summary.missing == 1 and summary.frames == 0
+    videos = table(out)
+    assert dict(zip(videos["path"], videos["status"])) == {"a.mp4": "ok", "b.mkv": "missing"}
+    assert set(all_predictions(out)["video_id"]) == set(videos["video_id"])  # every partition has its row
+    assert all_predictions(out).equals(before)
+    run(make_cfg(tmp_path / "in", "prune=true"))
+    videos = table(out)
+    assert videos["path"].to_list() == ["a.mp4"]
+    assert set(all_predictions(out)["video_id"]) == set(videos["video_id"])

@@ -105,6 +105,8 @@ class JobConfig:
     # inline, between model calls. null: 2 on a GPU, whose waits the decoder fills; 0 on CPU, where
     # torch's threads already use every core the actor has and a decode thread would stall them.
     prefetch_batches: int | None = None
+    # Remove the detections and rows of videos whose files are gone from video_dir (else kept as `missing`).
+    prune: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

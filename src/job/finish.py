@@ -23,6 +23,7 @@ class RunSummary:
     ok: int = 0
     partial: int = 0
     failed: int = 0
+    missing: int = 0  # rows kept for videos whose files are gone
     skipped: int = 0
     frames: int = 0  # detected by this run (not the frames an earlier, interrupted run committed)
     detections: int = 0
@@ -35,14 +36,14 @@ class RunSummary:
         steady = self.frames / self.processing_seconds if self.processing_seconds else 0.0
         return (
             f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed "
-            f"({self.skipped} already done); {self.frames} frames detected, {self.detections} detections, "
+            f"({self.skipped} already done{f'; {self.missing} missing' if self.missing else ''}); {self.frames} frames detected, {self.detections} detections, "
             f"{self.seconds:.1f} s ({rate:.1f} frames/s; {steady:.1f} frames/s after start-up); "
             f"output in {self.output_dir}"
         )
 
 
 def summarize(output_dir: str, videos: list[Video], statuses: dict[str, VideoStatus], skipped: int,
-              processed: list[str], seconds: float, processing_seconds: float) -> RunSummary:
+              processed: list[str], seconds: float, processing_seconds: float, missing: int = 0) -> RunSummary:
     ordered = [statuses[v.video_id] for v in videos]
     return RunSummary(
         output_dir=output_dir,
@@ -50,6 +51,7 @@ def summarize(output_dir: str, videos: list[Video], statuses: dict[str, VideoSta
         ok=sum(s.status == "ok" for s in ordered),
         partial=sum(s.status == "partial" for s in ordered),
         failed=sum(s.status == "failed" for s in ordered),
+        missing=missing,
         skipped=skipped,
         frames=sum(statuses[video_id].frames_this_run for video_id in processed),
         detections=sum(s.detections or 0 for s in ordered),
@@ -60,7 +62,7 @@ def summarize(output_dir: str, videos: list[Video], statuses: dict[str, VideoSta
 
 def write_tables(output: OutputDir, plan: Plan, statuses: dict[str, VideoStatus], summary: RunSummary,
                  started_at: datetime, ray_job_id: str | None) -> None:
-    output.write_videos_table([statuses[v.video_id] for v in plan.videos])
+    output.write_videos_table([statuses[v.video_id] for v in plan.videos] + plan.missing)
     output.write_manifest(manifest(plan, started_at, summary, ray_job_id))
 
 

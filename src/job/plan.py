@@ -26,6 +26,7 @@ class Plan:
     videos: list[Video]  # every discovered file, in discovery order
     todo: list[Video]  # those without a final status from an earlier run
     finished: dict[str, VideoStatus]  # video_id -> an earlier run's final status
+    missing: list[VideoStatus]  # videos this output_dir holds whose files are gone (none with prune=true)
     detection_settings: dict[str, Any]  # what _state/settings.json holds for this output_dir
 
 
@@ -53,13 +54,23 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
             finished[video.video_id] = previous
         else:
             todo.append(video)
+    missing = []
+    for video_id in sorted(output.recorded_video_ids() - {v.video_id for v in videos}):
+        if cfg.prune:
+            log.info("prune=true: removing %s, whose file is gone", video_id)
+            output.remove_video(video_id)
+        else:
+            missing.append(output.missing_status(video_id))
+    if missing:
+        log.warning("%d videos with results here are no longer in video_dir: kept as status=missing "
+                    "(prune=true removes them)", len(missing))
     settings = detection_settings(cfg)
     if todo:
         from job.models import resolve  # imports torch: only when there is something to detect
 
         cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
     output.ensure_settings(settings)
-    return Plan(cfg, videos, todo, finished, settings)
+    return Plan(cfg, videos, todo, finished, missing, settings)
 
 
 def _changed(video: Video, previous: VideoStatus) -> bool:

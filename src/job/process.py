@@ -80,7 +80,7 @@ def _process_local(
     status.width, status.height, status.fps = info.width, info.height, info.fps
     status.duration_s, status.codec, status.rotation = info.duration_s, info.codec, info.rotation
 
-    start = output.resume_point(video.video_id, content)
+    start = output.resume_point(video.video_id, content, video.relative_path)
     expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
     on_progress(0, max(0, math.ceil(expected / stride) - math.ceil(start / stride)))
     committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names)

@@ -38,7 +38,8 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
                     log.warning("%s: %s: %s", status.path, status.status, status.error)
             processing_seconds = actor_run.processing_seconds
     summary = summarize(str(cfg.output_dir), plan.videos, statuses, len(plan.finished),
-                        [v.video_id for v in plan.todo], time.monotonic() - started, processing_seconds)
+                        [v.video_id for v in plan.todo], time.monotonic() - started, processing_seconds,
+                        missing=len(plan.missing))
     write_tables(output, plan, statuses, summary, started_at, ray_job_id)
     log.info("summary: %s", summary.describe())
     return summary

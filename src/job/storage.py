@@ -99,6 +99,13 @@ class Store:
         except FileNotFoundError:
             pass
 
+    def delete_dir(self, relative: str) -> None:
+        """An empty directory (object stores have none to delete)."""
+        try:
+            self.fs.delete_dir(self.path(relative))
+        except (FileNotFoundError, OSError):
+            pass
+
     def check_writable(self) -> None:
         """Fail at start-up, in one line, rather than after the first video."""
         probe = "_state/.write_check"

@@ -60,7 +60,7 @@ class VideoStatus:
 
     video_id: str = _column(pl.String)
     path: str = _column(pl.String)
-    status: str = _column(pl.String, "failed")  # ok | partial | failed
+    status: str = _column(pl.String, "failed")  # ok | partial | failed | missing (the file is gone)
     error: str | None = _column(pl.String)
     frame_count: int | None = _column(pl.Int64)
     frames_processed: int = _column(pl.Int64, 0)
@@ -166,7 +166,7 @@ class OutputDir:
                 self.store.delete(f"{directory}/{name}")  # cannot happen with sequential commits; never keep a gap
         return end
 
-    def resume_point(self, video_id: str, fingerprint: str | None) -> int:
+    def resume_point(self, video_id: str, fingerprint: str | None, path: str | None = None) -> int:
         """Where to resume `video_id` whose content now has `fingerprint`: after its committed parts, or at 0.
 
         Parts of other content (the file was replaced since they were committed) are deleted first,
@@ -181,8 +181,36 @@ class OutputDir:
             self.store.delete(f"{STATE}/videos/{video_id}.json")
             for name in self.store.names(partition(video_id)):
                 self.store.delete(f"{partition(video_id)}/{name}")
-        self.store.put(record, _json_bytes({"fingerprint": fingerprint}))
+        self.store.put(record, _json_bytes({"fingerprint": fingerprint, "path": path}))
         return self.committed_end(video_id)
+
+    def recorded_video_ids(self) -> set[str]:
+        """Every video this output_dir holds anything of: a status, a started video, or a partition."""
+        ids = {name.removesuffix(".json") for name in self.store.names(f"{STATE}/videos")}
+        ids |= {name.removesuffix(".json") for name in self.store.names(f"{STATE}/progress")}
+        ids |= {name.removeprefix("video_id=") for name in self.store.entries(PREDICTIONS)
+                if name.startswith("video_id=")}
+        return ids
+
+    def missing_status(self, video_id: str) -> VideoStatus:
+        """The row of a video whose file is gone from video_dir: its last status, marked missing."""
+        status = self.read_status(video_id)
+        if status is None:  # started but never finished
+            progress = self.store.get(f"{STATE}/progress/{video_id}.json")
+            path = json.loads(progress).get("path") if progress is not None else None
+            status = VideoStatus(video_id=video_id, path=path or f"(unknown: {video_id})")
+            status.detections = self.count_detections(video_id)
+        status.status = "missing"
+        status.error = "the file is no longer in video_dir; its detections are kept (prune=true removes them)"
+        return status
+
+    def remove_video(self, video_id: str) -> None:
+        """Everything of one video: its parts, partition, status and progress record (for prune=true)."""
+        for name in self.store.names(partition(video_id)):
+            self.store.delete(f"{partition(video_id)}/{name}")
+        self.store.delete_dir(partition(video_id))
+        self.store.delete(f"{STATE}/videos/{video_id}.json")
+        self.store.delete(f"{STATE}/progress/{video_id}.json")
 
     def commit_part(self, video_id: str, start: int, end: int, rows: pl.DataFrame, compression: str) -> None:
         data = _parquet_bytes(rows, compression=compression, statistics=True)
