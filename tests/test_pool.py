@@ -21,6 +21,7 @@ class FakeBackend:
         self.ids = itertools.count()
         self.calls: dict[int, tuple] = {}
         self.log: list[tuple[str, int, str]] = []  # (video_id, attempt, actor)
+        self.killed: set[str] = set()
 
     def submit(self, actor, video, attempt):
         ref = next(self.ids)
@@ -34,7 +35,17 @@ class FakeBackend:
         return ref
 
     def wait(self, refs, timeout):
-        return sorted(refs)[:1]
+        def hung(ref):
+            kind, actor, video, attempt = self.calls[ref]
+            return kind == "process" and self.script.get((video.video_id, attempt)) == "hang" and actor not in self.killed
+
+        return sorted(ref for ref in refs if not hung(ref))[:1]
+
+    def progress_ages(self):
+        return {}  # no worker ever reports: the pool goes by how long each video has been running
+
+    def kill(self, actor):
+        self.killed.add(actor)
 
     def result(self, ref):
         kind, actor, video, attempt = self.calls.pop(ref)
@@ -43,6 +54,9 @@ class FakeBackend:
                 raise ActorDied("still dead")
             return "cpu"
         outcome = self.script.get((video.video_id, attempt))
+        if actor in self.killed:
+            self.killed.discard(actor)
+            raise ActorDied("killed")
         if outcome == "die":
             raise ActorDied("worker killed")
         if outcome == "bug":
@@ -99,3 +113,20 @@ def test_the_pool_stops_when_no_actor_can_be_restarted():
         for _ in pool.run(videos(2), poll_s=0):
             pass
     assert sum(1 for kind, *_ in backend.calls.values() if kind == "ping") == 0, "pings stopped"
+
+
+def test_a_video_whose_worker_hangs_is_killed_and_retried():
+    backend = FakeBackend({("v1-000", 1): "hang"})
+    pool = ActorPool(["a", "b"], backend, 3, lambda s: None, stall_timeout_s=0.05)
+    statuses = run(pool, videos(3))
+    assert all(s.status == "ok" for s in statuses.values())
+    assert statuses["v1-000"].attempts == 2
+    assert [attempt for vid, attempt, _ in backend.log if vid == "v1-000"] == [1, 2]
+
+
+def test_a_video_that_hangs_every_time_is_given_up_saying_why():
+    backend = FakeBackend({("v0-000", 1): "hang", ("v0-000", 2): "hang"})
+    statuses = run(ActorPool(["a"], backend, 2, lambda s: None, stall_timeout_s=0.05), videos(2))
+    assert statuses["v0-000"].status == "failed"
+    assert "no progress for ray.stall_timeout_s=0.05 s" in statuses["v0-000"].error
+    assert statuses["v1-000"].status == "ok"

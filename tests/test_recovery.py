@@ -123,15 +123,17 @@ def test_sigkill_then_rerun_gives_exactly_the_clean_results(point, video_dir, cl
         reader.join()
     assert not reader_errors, reader_errors[:1]
     if point == "during_write":
-        # Whatever the kill caught, leave also what a kill inside a write leaves: a torn temp file.
-        partition = next(p for p in (out / "predictions").iterdir() if p.is_dir())
-        (partition / ".part-0000009999-0000010007.parquet.deadbeef.tmp").write_bytes(b"PAR1 torn")
-        (out / ".videos.parquet.deadbeef.tmp").write_bytes(b"PAR1 torn")
+        # Whatever the kill caught, leave also what a kill inside a write leaves: torn temp files, which
+        # live outside the directories readers list.
+        staging = out / "_state" / "tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / ".part-0000009999-0000010007.parquet.deadbeef.tmp").write_bytes(b"PAR1 torn")
+        (staging / ".videos.parquet.deadbeef.tmp").write_bytes(b"PAR1 torn")
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_results(out, clean_run)
-    assert not list(out.rglob("*.tmp")) or all(p.name.startswith(".videos") for p in out.rglob("*.tmp"))
+    assert all(p.suffix == ".parquet" for p in (out / "predictions").rglob("*") if p.is_file())
 
 
 def find_worker_processes() -> list[psutil.Process]:
@@ -180,3 +182,35 @@ def test_a_killed_actor_is_replaced_and_its_video_retried(
         assert "worker process died" in retried["error"][0]
         others = videos.filter(pl.col("path").str.starts_with("clip") & (pl.col("status") == "ok"))
         assert others.height == 2  # the rest of the run is unaffected
+
+
+def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_its_video_retried(
+    ray_session, video_dir, clean_run, make_cfg, tmp_path, caplog
+):
+    """SIGSTOP stands for a stuck filesystem read or a decoder deadlock: the process is alive and silent."""
+    out = tmp_path / "out"
+    cfg = make_cfg(video_dir, *SETTINGS, "ray.stall_timeout_s=4", output_dir=out)
+    stopped: list[int] = []
+
+    def stop_one_worker_mid_video() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not stopped:
+            if parts(out):
+                busy = [p for p in find_worker_processes() if "process" in " ".join(p.cmdline())]
+                if busy:
+                    busy[0].suspend()  # SIGSTOP
+                    stopped.append(busy[0].pid)
+                    return
+            time.sleep(0.01)
+
+    stopper = threading.Thread(target=stop_one_worker_mid_video, daemon=True)
+    stopper.start()
+    summary = run(cfg)
+    stopper.join()
+    assert stopped, "no worker was stopped"
+    assert not psutil.pid_exists(stopped[0]) or psutil.Process(stopped[0]).status() == psutil.STATUS_ZOMBIE
+    assert "no progress for" in caplog.text and "killing its worker and retrying" in caplog.text
+    videos = pl.read_parquet(out / "videos.parquet")
+    assert summary.failed == 1  # only bad.mp4
+    assert videos.filter(pl.col("attempts") > 1).height == 1
+    assert_same_results(out, clean_run)

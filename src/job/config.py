@@ -80,6 +80,9 @@ class RayConfig:
     num_cpus: int | None = None
     # How many actor deaths one video may cause before it is recorded as failed.
     max_video_attempts: int = 3
+    # A worker that reports no progress on a video for this long (per frame batch; fetching a remote
+    # video counts too) is killed and the video retried like a crash. null: never.
+    stall_timeout_s: Optional[float] = 300.0  # noqa: UP045
 
 
 @dataclass
@@ -212,6 +215,8 @@ def validate(cfg: JobConfig) -> None:
         problems.append("ray.cpus_per_actor must be > 0")
     if not 0 < cfg.ray.gpus_per_actor:
         problems.append("ray.gpus_per_actor must be > 0 (fractions such as 0.5 share a GPU)")
+    if cfg.ray.stall_timeout_s is not None and cfg.ray.stall_timeout_s <= 0:
+        problems.append("ray.stall_timeout_s must be > 0 or null")
     if cfg.ray.max_video_attempts < 1:
         problems.append("ray.max_video_attempts must be >= 1")
     if problems:

@@ -101,13 +101,21 @@ class ProgressCounter:
     def __init__(self) -> None:
         self.done = 0
         self.expected = 0
+        self.last_progress: dict[str, float] = {}  # video_id -> when its worker last reported (this clock)
 
-    def add(self, done: int, expected: int) -> None:
+    def add(self, done: int, expected: int, video_id: str | None = None) -> None:
         self.done += done
         self.expected += expected
+        if video_id is not None:
+            self.last_progress[video_id] = time.time()
 
     def read(self) -> tuple[int, int]:
         return self.done, self.expected
+
+    def ages(self) -> dict[str, float]:
+        """Seconds since each video's worker last reported, measured on one clock (this actor's)."""
+        now = time.time()
+        return {video_id: now - at for video_id, at in self.last_progress.items()}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -148,7 +156,8 @@ class VideoWorker:
     def process(self, video: Video, attempts: int) -> VideoStatus:
         from job.process import process_video
 
-        report = BatchedProgress(self.progress)
+        report = BatchedProgress(self.progress, video_id=video.video_id)
+        report.flush(heartbeat=True)  # the video has started: its stall clock starts now
         try:
             return process_video(video, self.settings, self.output, self.detector, report, attempts)
         finally:
@@ -159,8 +168,8 @@ class BatchedProgress:
     """Sends progress to the counter actor at most every `interval` s instead of once per batch:
     the bar refreshes once a second anyway, and each remote call costs the actor CPU time."""
 
-    def __init__(self, counter: Any, interval: float = 0.5) -> None:
-        self.counter, self.interval = counter, interval
+    def __init__(self, counter: Any, interval: float = 0.5, video_id: str | None = None) -> None:
+        self.counter, self.interval, self.video_id = counter, interval, video_id
         self.done = self.expected = 0
         self.sent_at = time.monotonic()
 
@@ -170,9 +179,9 @@ class BatchedProgress:
         if time.monotonic() - self.sent_at >= self.interval:
             self.flush()
 
-    def flush(self) -> None:
-        if self.done or self.expected:
-            self.counter.add.remote(self.done, self.expected)
+    def flush(self, heartbeat: bool = False) -> None:
+        if self.done or self.expected or heartbeat:
+            self.counter.add.remote(self.done, self.expected, self.video_id)
         self.done = self.expected = 0
         self.sent_at = time.monotonic()
 
@@ -185,6 +194,15 @@ class RayBackend:
 
     def ping(self, actor: Any) -> ray.ObjectRef:
         return actor.device.remote()
+
+    def __init__(self, progress: Any = None) -> None:
+        self.progress = progress
+
+    def progress_ages(self) -> dict[str, float]:
+        return ray.get(self.progress.ages.remote()) if self.progress is not None else {}
+
+    def kill(self, actor: Any) -> None:
+        ray.kill(actor, no_restart=False)  # Ray restarts it; its running call fails as a dead actor
 
     def wait(self, refs: list[ray.ObjectRef], timeout: float) -> list[ray.ObjectRef]:
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
@@ -235,7 +253,8 @@ class ActorRun:
             devices = _wait_until_ready(actors)
             log.info("actors ready on %s", ", ".join(sorted(set(devices))))
             ready_at = time.monotonic()
-            pool = ActorPool(actors, RayBackend(), cfg.ray.max_video_attempts, output.write_status)
+            pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
+                             stall_timeout_s=cfg.ray.stall_timeout_s)
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
                 yield status

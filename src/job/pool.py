@@ -32,6 +32,10 @@ class Backend(Protocol):
     def submit(self, actor: Any, video: Video, attempt: int) -> Ref: ...
     def ping(self, actor: Any) -> Ref: ...
     def wait(self, refs: list[Ref], timeout: float) -> list[Ref]: ...
+    def progress_ages(self) -> dict[str, float]:
+        """Seconds since each video's worker last reported progress."""
+    def kill(self, actor: Any) -> None:
+        """Kill a (hung) actor so that its call fails as ActorDied and the actor restarts."""
     def result(self, ref: Ref) -> Any:
         """The call's value; raises ActorDied or CallFailed."""
 
@@ -45,8 +49,12 @@ class ActorPool:
     """
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
-                 record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2) -> None:
+                 record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
+                 stall_timeout_s: float | None = None) -> None:
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
+        self.stall_timeout_s = stall_timeout_s
+        self.started_at: dict[Ref, float] = {}
+        self.killed: set[Ref] = set()
         self.max_pings, self.ping_interval_s = max_pings, ping_interval_s
         self.idle = list(actors)
         self.running: dict[Ref, tuple[Video, Any]] = {}
@@ -69,13 +77,16 @@ class ActorPool:
                         yield status
             if not self.running and not self.idle and self.queue and not self.recovering:
                 raise WorkersCannotStartError("every Ray worker died and none could be restarted")
+            self._kill_stalled()
             tick()
 
     def _dispatch(self) -> None:
         while self.queue and self.idle:
             video, actor = self.queue.pop(), self.idle.pop()
             self.attempts[video.video_id] = self.attempts.get(video.video_id, 0) + 1
-            self.running[self.backend.submit(actor, video, self.attempts[video.video_id])] = (video, actor)
+            ref = self.backend.submit(actor, video, self.attempts[video.video_id])
+            self.running[ref] = (video, actor)
+            self.started_at[ref] = time.monotonic()
 
     def _recovered(self, ref: Ref) -> None:
         actor, pings = self.recovering.pop(ref)
@@ -90,15 +101,36 @@ class ActorPool:
             time.sleep(self.ping_interval_s)  # still restarting: ask again shortly
             self.recovering[self.backend.ping(actor)] = (actor, pings + 1)
 
+    def _kill_stalled(self) -> None:
+        """A worker that reports no progress for stall_timeout_s (a stuck read, a decoder deadlock, a
+        stopped process) is killed, and its video retried like a crash."""
+        if self.stall_timeout_s is None or not self.running:
+            return
+        ages = self.backend.progress_ages()
+        now = time.monotonic()
+        for ref, (video, actor) in self.running.items():
+            age = min(ages.get(video.video_id, float("inf")), now - self.started_at[ref])
+            if age > self.stall_timeout_s and ref not in self.killed:
+                log.warning("%s: no progress for %.0f s (ray.stall_timeout_s=%g): killing its worker and "
+                            "retrying the video", video.relative_path, age, self.stall_timeout_s)
+                self.killed.add(ref)
+                self.backend.kill(actor)
+
     def _completed(self, ref: Ref) -> VideoStatus | None:
         video, actor = self.running.pop(ref)
+        self.started_at.pop(ref, None)
+        stalled = ref in self.killed
+        self.killed.discard(ref)
         tries = self.attempts[video.video_id]
         try:
             status = self.backend.result(ref)
         except CallFailed as exc:
             self.idle.append(actor)  # the actor is fine: record the video as failed and go on
             return self._give_up(video, tries, f"internal error: {exc}")
-        except ActorDied as exc:
+        except ActorDied:
+            if stalled:
+                exc = ActorDied(f"it made no progress for ray.stall_timeout_s={self.stall_timeout_s:g} s "
+                                f"(a hung read or decoder)")
             self.recovering[self.backend.ping(actor)] = (actor, 1)
             if tries < self.max_attempts:
                 log.warning("worker died on %s (attempt %d), retrying: %s", video.relative_path, tries, exc)
