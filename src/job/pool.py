@@ -127,18 +127,18 @@ class ActorPool:
         except CallFailed as exc:
             self.idle.append(actor)  # the actor is fine: record the video as failed and go on
             return self._give_up(video, tries, f"internal error: {exc}")
-        except ActorDied:
+        except ActorDied as exc:
+            cause = str(exc)
             if stalled:
-                exc = ActorDied(f"it made no progress for ray.stall_timeout_s={self.stall_timeout_s:g} s "
-                                f"(a hung read or decoder)")
+                cause = f"it made no progress for ray.stall_timeout_s={self.stall_timeout_s:g} s (a hung read or decoder)"
             self.recovering[self.backend.ping(actor)] = (actor, 1)
             if tries < self.max_attempts:
-                log.warning("worker died on %s (attempt %d), retrying: %s", video.relative_path, tries, exc)
+                log.warning("worker died on %s (attempt %d), retrying: %s", video.relative_path, tries, cause)
                 self.queue.append(video)
                 return None
             return self._give_up(video, tries, (
                 f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
-                f"the decoder); last: {exc}"))
+                f"the decoder); last: {cause}"))
         self.idle.append(actor)
         return status
 
