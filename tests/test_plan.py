@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -11,6 +15,13 @@ from job.plan import ActorLayout, actor_layout, make_plan
 from job.samples import write_video
 from job.storage import fingerprint
 from job.write import OutputDir, VideoStatus
+
+
+def plan_of(cfg, output):
+    """A plan whose lease is released at once, as run() does when it ends."""
+    plan = make_plan(cfg, output)
+    plan.lease.release()
+    return plan
 
 
 def layout(resources, device=Device.auto, videos=100, **ray):
@@ -35,14 +46,14 @@ def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg
         write_video(tmp_path / "in" / name, 2, size=(64, 48))
     cfg = make_cfg(tmp_path / "in")
     output = OutputDir(cfg.output_dir)
-    first = make_plan(cfg, output)
+    first = plan_of(cfg, output)
     assert [v.relative_path for v in first.todo] == ["a.mp4", "b.mp4", "c.mp4"] and not first.finished
     a, b, c = first.videos
     output.write_status(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok",
                                     fingerprint=fingerprint(a.path)))
     output.write_status(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True,
                                     fingerprint=fingerprint(b.path)))
-    again = make_plan(cfg, output)
+    again = plan_of(cfg, output)
     assert [v.relative_path for v in again.todo] == ["b.mp4", "c.mp4"]
     assert list(again.finished) == [a.video_id]
     # A finished video whose file was replaced is done again; so is a failed one (e.g. copied in since).
@@ -50,15 +61,15 @@ def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg
     write_video(tmp_path / "in" / "a.mp4", 3, size=(64, 48))
     with open(tmp_path / "in" / "c.mp4", "ab") as grown:
         grown.write(b"the rest of a file still being copied")
-    assert [v.relative_path for v in make_plan(cfg, output).todo] == ["a.mp4", "b.mp4", "c.mp4"]
+    assert [v.relative_path for v in plan_of(cfg, output).todo] == ["a.mp4", "b.mp4", "c.mp4"]
 
 
 def test_plan_refuses_other_detection_settings(tmp_path, make_cfg):
     write_video(tmp_path / "in" / "a.mp4", 2, size=(64, 48))
-    plan = make_plan(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
+    plan = plan_of(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
     OutputDir(tmp_path / "out").write_status(VideoStatus(video_id=plan.videos[0].video_id, path="a.mp4"))
     with pytest.raises(SettingsMismatchError, match="frame_stride: stored 1, now 2"):
-        make_plan(make_cfg(tmp_path / "in", "frame_stride=2"), OutputDir(tmp_path / "out"))
+        plan_of(make_cfg(tmp_path / "in", "frame_stride=2"), OutputDir(tmp_path / "out"))
 
 
 def test_a_directory_with_someone_elses_files_is_refused_and_left_alone(tmp_path, make_cfg):
@@ -67,7 +78,7 @@ def test_a_directory_with_someone_elses_files_is_refused_and_left_alone(tmp_path
     theirs.mkdir()
     (theirs / "videos.parquet").write_bytes(b"a table the user made")
     with pytest.raises(OutputNotOursError, match=r"already holds files this job did not write \(videos.parquet\)"):
-        make_plan(make_cfg(tmp_path / "in"), OutputDir(theirs))
+        plan_of(make_cfg(tmp_path / "in"), OutputDir(theirs))
     assert sorted(p.name for p in theirs.iterdir()) == ["videos.parquet"]
     assert (theirs / "videos.parquet").read_bytes() == b"a table the user made"
 
@@ -79,7 +90,7 @@ def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, mak
         write_video(tmp_path / "in" / name, 2, size=(64, 48))
     cfg = make_cfg(tmp_path / "in")
     output = OutputDir(cfg.output_dir)
-    a, b = make_plan(cfg, output).videos
+    a, b = plan_of(cfg, output).videos
     for video in (a, b):  # a finished video, and b: started (one part) but never finished
         output.resume_point(video.video_id, fingerprint(video.path), video.relative_path)
         output.commit_part(video.video_id, 0, 1, detections_frame([0], [0.0], [np.zeros((1, 4), np.float32)],
@@ -89,7 +100,7 @@ def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, mak
                                     fingerprint=fingerprint(a.path)))
     (tmp_path / "in" / "a.mp4").rename(tmp_path / "in" / "renamed.mp4")
     (tmp_path / "in" / "b.mp4").unlink()
-    plan = make_plan(cfg, output)
+    plan = plan_of(cfg, output)
     assert [v.relative_path for v in plan.todo] == ["renamed.mp4"]
     gone = {s.path: s for s in plan.missing}
     assert set(gone) == {"a.mp4", "b.mp4"} and {s.status for s in gone.values()} == {"missing"}
@@ -97,7 +108,32 @@ def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, mak
     assert "prune=true" in gone["a.mp4"].error
     assert (tmp_path / "out" / "predictions" / f"video_id={a.video_id}").exists(), "kept unless pruned"
 
-    pruned = make_plan(make_cfg(tmp_path / "in", "prune=true"), output)
+    pruned = plan_of(make_cfg(tmp_path / "in", "prune=true"), output)
     assert pruned.missing == []
     assert output.recorded_video_ids() == set()
     assert not (tmp_path / "out" / "predictions" / f"video_id={a.video_id}").exists()
+
+
+def test_one_writer_per_output_dir(tmp_path, make_cfg, caplog):
+    from job.errors import OutputBusyError
+    from job.lease import LEASE
+
+    write_video(tmp_path / "in" / "a.mp4", 2, size=(64, 48))
+    cfg = make_cfg(tmp_path / "in")
+    first = make_plan(cfg, OutputDir(cfg.output_dir))
+    with pytest.raises(OutputBusyError, match=r"is being written by another run \(host .*, pid \d+, since "):
+        make_plan(cfg, OutputDir(cfg.output_dir))
+    first.lease.release()
+    assert not (tmp_path / "out" / LEASE).exists()
+    # A lease left by a run that was killed (its process is gone) is taken over with a warning.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held = json.loads(plan_of(cfg, OutputDir(cfg.output_dir)).lease._record())
+    (tmp_path / "out" / LEASE).write_text(json.dumps({**held, "pid": int(dead.stdout), "run": "killed"}))
+    plan_of(cfg, OutputDir(cfg.output_dir))
+    assert "taking over the lease of a run that is gone" in caplog.text
+    # So is one on another host that stopped renewing it.
+    (tmp_path / "out" / LEASE).write_text(json.dumps({**held, "host": "elsewhere", "renewed": 0, "run": "old"}))
+    plan_of(cfg, OutputDir(cfg.output_dir))
+    (tmp_path / "out" / LEASE).write_text(json.dumps({**held, "host": "elsewhere", "run": "live"}))
+    with pytest.raises(OutputBusyError, match="host elsewhere"):
+        plan_of(cfg, OutputDir(cfg.output_dir))

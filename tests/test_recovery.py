@@ -214,3 +214,25 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_its_video_retrie
     assert summary.failed == 1  # only bad.mp4
     assert videos.filter(pl.col("attempts") > 1).height == 1
     assert_same_results(out, clean_run)
+
+
+def test_a_second_run_into_the_same_output_dir_stops_naming_the_first(video_dir, weights_path, clean_run, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(job_command(video_dir, out, weights_path, tmp_path / "h1"), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "_state" / "lease.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lease"
+            time.sleep(0.01)
+        # Different settings too: it must not get as far as the settings check.
+        second = subprocess.run([*job_command(video_dir, out, weights_path, tmp_path / "h2"), "score_threshold=0.9"],
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"pid {first.pid}" in second.stdout + second.stderr
+        assert first.wait(timeout=600) == 0
+    finally:
+        if first.poll() is None:
+            kill_tree(first)
+    assert_same_results(out, clean_run)
+    assert not (out / "_state" / "lease.json").exists(), "released at the end"

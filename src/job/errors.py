@@ -34,6 +34,10 @@ class OutputNotOursError(JobError):
     """output_dir holds files this job did not write; writing into it could overwrite them."""
 
 
+class OutputBusyError(JobError):
+    """Another run is writing into output_dir."""
+
+
 class SettingsMismatchError(JobError):
     """output_dir holds results made with different detection settings."""
 

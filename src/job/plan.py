@@ -14,6 +14,7 @@ from typing import Any
 from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
+from job.lease import Lease
 from job.storage import fingerprint
 from job.write import OutputDir, VideoStatus
 
@@ -28,10 +29,12 @@ class Plan:
     finished: dict[str, VideoStatus]  # video_id -> an earlier run's final status
     missing: list[VideoStatus]  # videos this output_dir holds whose files are gone (none with prune=true)
     detection_settings: dict[str, Any]  # what _state/settings.json holds for this output_dir
+    lease: Lease  # held from planning to the end of the run: release() it
 
 
 def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
-    """Discover the videos, check output_dir and the model, record or check the settings, split done from to-do.
+    """Discover the videos, check output_dir, take its lease, check the model, record or check the settings,
+    split done from to-do.
 
     The model is checked (and torch imported) only when there is work, and before the settings
     are recorded: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
@@ -45,6 +48,16 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
             f"empty directory (or one this job wrote, to resume it)"
         )
     output.store.check_writable()
+    lease = Lease(output.store).acquire()
+    try:
+        return _plan_under_lease(cfg, output, videos, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], lease: Lease) -> Plan:
+    output.clear_staging()  # temp files of killed writes: no other run can be writing now
     log.info("found %d videos under %s", len(videos), cfg.video_dir)
     finished: dict[str, VideoStatus] = {}
     todo: list[Video] = []
@@ -70,7 +83,7 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
 
         cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
     output.ensure_settings(settings)
-    return Plan(cfg, videos, todo, finished, missing, settings)
+    return Plan(cfg, videos, todo, finished, missing, settings, lease)
 
 
 def _changed(video: Video, previous: VideoStatus) -> bool:

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from job.config import JobConfig
 from job.finish import RunSummary, summarize, write_tables
-from job.plan import make_plan
+from job.plan import Plan, make_plan
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,14 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
     started_at, started = datetime.now(timezone.utc), time.monotonic()
     output = OutputDir(cfg.output_dir)
     plan = make_plan(cfg, output)
+    try:
+        return _execute_and_finish(plan, output, started_at, started, keep_ray)
+    finally:
+        plan.lease.release()
+
+
+def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, started: float,
+                        keep_ray: bool) -> RunSummary:
     cfg = plan.settings  # the model's classes resolved
     statuses: dict[str, VideoStatus] = dict(plan.finished)
     processing_seconds, ray_job_id = 0.0, None

@@ -73,6 +73,29 @@ class Store:
         except OSError as exc:
             raise OutputWriteError.from_os_error(self.location, exc) from exc
 
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Write `relative` only if it does not exist; whether this call created it.
+
+        Atomic on a local or shared POSIX filesystem (O_EXCL). Object stores: checked, then written,
+        which two writers starting within the same moment could both pass (pyarrow has no conditional PUT).
+        """
+        if self.local:
+            path = Path(self.path(relative))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        if self.get(relative) is not None:
+            return False
+        self.put(relative, data)
+        return True
+
     def get(self, relative: str) -> bytes | None:
         try:
             with self.fs.open_input_stream(self.path(relative)) as stream:

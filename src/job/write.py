@@ -6,6 +6,9 @@
       manifest.json                                           the last run: config, versions, totals
       _state/settings.json                                    what the detections depend on
       _state/videos/<id>.json                                 a video's final status (its commit record)
+      _state/progress/<id>.json                               the content fingerprint a video's parts come from
+      _state/lease.json                                       the running job's lease (lease.py)
+      _state/tmp/                                             local writes staged before their rename
 
 Every object appears atomically (`storage.Store.put`), so a reader never sees a torn file and a kill
 at any moment leaves only whole parts. A part's name is its commit record: on rerun a video resumes
@@ -28,7 +31,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from job.errors import SettingsMismatchError
-from job.storage import Store
+from job.storage import TMP_DIR, Store
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,11 @@ class OutputDir:
             # settings protect nothing, so the corrected command may go ahead.
             log.warning("output_dir=%s: replacing the settings of an earlier run that wrote no results", self.location)
         self.store.put(f"{STATE}/settings.json", _json_bytes(settings))
+
+    def clear_staging(self) -> None:
+        """Remove temp files that killed writes left in the staging directory (call under the lease)."""
+        for name in self.store.names(TMP_DIR):
+            self.store.delete(f"{TMP_DIR}/{name}")
 
     def has_results(self) -> bool:
         """Whether any video has committed a part or a final status here."""
