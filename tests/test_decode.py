@@ -168,3 +168,32 @@ def test_decoder_threads_do_not_change_the_frames(tmp_path, decoder):
                 for n in (1, 2))
     assert np.concatenate([b.frame_indices for b in two]).tolist() == list(range(40))
     assert torch.equal(torch.cat([b.frames for b in one]), torch.cat([b.frames for b in two]))
+
+
+def test_a_resolution_change_is_scaled_to_the_first_size_not_the_end(tmp_path):
+    """Two MPEG-TS streams of different sizes, concatenated byte for byte (as a camera that switches does)."""
+    first = write_video(tmp_path / "a.ts", [scene(i, 160, 120) for i in range(20)], size=(160, 120))
+    second = write_video(tmp_path / "b.ts", [scene(i, 320, 240) for i in range(20, 40)], size=(320, 240))
+    joined = tmp_path / "switch.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    info, progress, batches = decode_all(joined)
+    frames = torch.cat([b.frames for b in batches])
+    assert progress.damage is None and progress.frames_decoded == 40
+    assert frames.shape == (40, 120, 160, 3)
+    # The second half is the bigger scene, scaled down: close to it, not garbage.
+    expected = torch.from_numpy(scene(30, 320, 240)).permute(2, 0, 1)[None].float()
+    scaled = torch.nn.functional.interpolate(expected, size=(120, 160), mode="area")[0].permute(1, 2, 0)
+    assert (frames[30].float() - scaled).abs().mean() < 12
+
+
+def test_a_still_image_named_like_a_video_is_not_a_video(tmp_path):
+    import av
+
+    image = tmp_path / "photo.mp4"
+    with av.open(str(image), "w", format="image2") as container:
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(scene(0, 64, 48), format="rgb24")))
+        container.mux(stream.encode())
+    with pytest.raises(VideoError, match="an image, not a video"):
+        probe(str(image))

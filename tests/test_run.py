@@ -234,3 +234,19 @@ def test_a_deleted_video_keeps_its_row_as_missing_until_pruned(ray_session, make
     videos = table(out)
     assert videos["path"].to_list() == ["a.mp4"]
     assert set(all_predictions(out)["video_id"]) == set(videos["video_id"])
+
+
+def test_a_symlink_loop_and_a_non_utf8_file_name_do_not_stop_the_run(ray_session, make_cfg, tmp_path):
+    import shutil
+
+    from job.samples import write_video
+
+    good = write_video(tmp_path / "in" / "good.mp4", 8, size=(320, 240))
+    os.symlink("loop.mp4", tmp_path / "in" / "loop.mp4")
+    shutil.copyfile(good, os.fsencode(tmp_path / "in") + b"/caf\xe9.mp4")
+    summary = run(make_cfg(tmp_path / "in"))
+    videos = table(tmp_path / "out")
+    by_path = dict(zip(videos["path"], zip(videos["status"], videos["error"])))
+    assert by_path["good.mp4"] == ("ok", None) and by_path["caf\ufffd.mp4"] == ("ok", None)
+    assert by_path["loop.mp4"][0] == "failed" and "symbolic links" in by_path["loop.mp4"][1]
+    assert summary.ok == 2

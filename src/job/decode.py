@@ -64,6 +64,8 @@ def probe(path: str) -> VideoInfo:
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise VideoError(f"not a readable video file: {_reason(exc)}") from exc
     with container:
+        if container.format.name.endswith("_pipe") or container.format.name in ("image2", "image2pipe"):
+            raise VideoError(f"an image, not a video ({container.format.name.removesuffix('_pipe')})")
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoError(f"no video stream in the file (streams found: {', '.join(kinds)})")
@@ -108,7 +110,8 @@ def iter_batches(
         return index >= start_frame and index % frame_stride == 0
 
     if decoder == "pyav" or info.rotation != 0:
-        frames = _pyav_frames(path, info.rotation, wanted, progress, threads)
+        coded = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
+        frames = _pyav_frames(path, info.rotation, wanted, progress, threads, coded)
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
         frames = _decord_frames(path, wanted, start_frame, window, progress, threads)
@@ -213,9 +216,13 @@ def _decord_frames(
 
 
 def _pyav_frames(
-    path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int
+    path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int,
+    coded_size: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Frames in display order; every one at `coded_size` (width, height before rotation), so a stream
+    whose resolution changes midway is scaled to its first size instead of ending there."""
     turns = _quarter_turns(rotation)
+    width, height = coded_size or (None, None)
     # One reformatter for the whole stream keeps its swscale context; frame.to_ndarray() builds a
     # new one per frame (measured 3-4x slower at 640x272). One conversion thread: PyAV 17+ otherwise
     # starts one per CPU, which measured slower here; the decoder has its own threads.
@@ -237,7 +244,7 @@ def _pyav_frames(
             progress.frames_decoded += 1
             if not wanted(index):
                 continue
-            rgb = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+            rgb = to_rgb.reformat(frame, format="rgb24", width=width, height=height, threads=1).to_ndarray()
             yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
 
 

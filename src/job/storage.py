@@ -175,17 +175,26 @@ def fingerprint(path: str, sample: int = 1 << 20) -> str:
     """What identifies a video's content cheaply: size, modification time, and a hash of its first and
     last MiB. A file replaced, or still being copied in, gets another fingerprint; an untouched one keeps it.
     """
-    fs, where = filesystem_for(path) if is_uri(path) else (pafs.LocalFileSystem(), path)
-    info = fs.get_file_info(where)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(path)
     digest = hashlib.sha1()
-    with fs.open_input_file(where) as handle:
-        digest.update(handle.read_at(min(sample, info.size), 0))
-        if info.size > sample:
-            digest.update(handle.read_at(sample, max(sample, info.size - sample)))
-    mtime = info.mtime_ns if info.mtime_ns is not None else 0
-    return f"{info.size}:{mtime}:{digest.hexdigest()}"
+    if is_uri(path):
+        fs, where = filesystem_for(path)
+        info = fs.get_file_info(where)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(path)
+        size, mtime = info.size, info.mtime_ns or 0
+        with fs.open_input_file(where) as handle:
+            digest.update(handle.read_at(min(sample, size), 0))
+            if size > sample:
+                digest.update(handle.read_at(sample, max(sample, size - sample)))
+    else:  # Python's own I/O: file names need not be UTF-8 (pyarrow's paths must be)
+        stat = os.stat(path)
+        size, mtime = stat.st_size, stat.st_mtime_ns
+        with open(path, "rb") as handle:
+            digest.update(handle.read(sample))
+            if size > sample:
+                handle.seek(max(sample, size - sample))
+                digest.update(handle.read(sample))
+    return f"{size}:{mtime}:{digest.hexdigest()}"
 
 
 @contextmanager
