@@ -76,9 +76,16 @@ def test_someone_elses_directory_is_refused_and_untouched(tmp_path, videos):
 @pytest.mark.slow
 def test_a_non_editable_install_finds_its_config(tmp_path):
     """`pip install .` then `python -m job` from another directory (configs ship as package data)."""
+    import shutil
+
+    source = tmp_path / "source"  # a copy, so the build leaves nothing (build/) in the checkout
+    for name in ("src", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert (target / "job" / "configs" / "model" / "fcos_resnet50_fpn.yaml").exists()
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install
     where = subprocess.run([sys.executable, "-c", "import job; print(job.__file__)"], env=env, cwd=tmp_path,
