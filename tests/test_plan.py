@@ -137,3 +137,20 @@ def test_one_writer_per_output_dir(tmp_path, make_cfg, caplog):
     (tmp_path / "out" / LEASE).write_text(json.dumps({**held, "host": "elsewhere", "run": "live"}))
     with pytest.raises(OutputBusyError, match="host elsewhere"):
         plan_of(cfg, OutputDir(cfg.output_dir))
+
+
+def test_the_frame_total_is_known_up_front_where_containers_record_it(tmp_path, make_cfg):
+    from job.plan import frames_to_detect
+    from job.write import detections_frame
+
+    write_video(tmp_path / "in" / "a.mp4", 10, size=(64, 48))
+    write_video(tmp_path / "in" / "b.mp4", 7, size=(64, 48))
+    (tmp_path / "in" / "bad.mp4").write_bytes(b"not a video")
+    cfg = make_cfg(tmp_path / "in")
+    output = OutputDir(cfg.output_dir)
+    plan = plan_of(cfg, output)
+    assert frames_to_detect(plan.todo, 1, output) == 17
+    assert frames_to_detect(plan.todo, 3, output) == 4 + 3
+    started = next(v for v in plan.videos if v.relative_path == "a.mp4")
+    output.commit_part(started.video_id, 0, 4, detections_frame([], [], [], [], [], []), "zstd")
+    assert frames_to_detect(plan.todo, 1, output) == 7  # a resumed video's remainder comes from its worker

@@ -189,7 +189,7 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_its_video_retrie
 ):
     """SIGSTOP stands for a stuck filesystem read or a decoder deadlock: the process is alive and silent."""
     out = tmp_path / "out"
-    cfg = make_cfg(video_dir, *SETTINGS, "ray.stall_timeout_s=4", output_dir=out)
+    cfg = make_cfg(video_dir, *SETTINGS, "ray.stall_timeout_s=8", output_dir=out)
     stopped: list[int] = []
 
     def stop_one_worker_mid_video() -> None:

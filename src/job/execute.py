@@ -222,8 +222,10 @@ class RayBackend:
 class ActorRun:
     """Iterating it starts the actors and yields each video's final status as it completes."""
 
-    def __init__(self, todo: list[Video], cfg: JobConfig, runtime: RayRuntime, output: OutputDir) -> None:
+    def __init__(self, todo: list[Video], cfg: JobConfig, runtime: RayRuntime, output: OutputDir,
+                 frames_known_up_front: int = 0) -> None:
         self.todo, self.cfg, self.runtime, self.output = todo, cfg, runtime, output
+        self.frames_known_up_front = frames_known_up_front
         # From the actors being ready (model loaded and warm) to the last video done.
         self.processing_seconds = 0.0
 
@@ -239,13 +241,15 @@ class ActorRun:
             .remote(cfg, progress_name, max(1, int(layout.cpus_each)))
             for _ in range(layout.count)
         ]
-        bar = tqdm(total=0, unit="frame", desc="detecting", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
+                   mininterval=1.0)
 
         videos_done = 0
 
         def update_bar() -> None:
             done, expected = ray.get(progress.read.remote())
-            bar.total = max(expected, done)  # grows as actors open videos: containers say how many frames
+            # Known up front where containers record their frame counts; else it grows as workers open videos.
+            bar.total = max(self.frames_known_up_front, expected, done)
             bar.set_postfix_str(f"{videos_done}/{len(todo)} videos", refresh=False)
             bar.update(done - bar.n)
 

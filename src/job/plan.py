@@ -15,8 +15,8 @@ from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_p
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
 from job.lease import Lease
-from job.storage import fingerprint
-from job.write import OutputDir, VideoStatus
+from job.storage import fingerprint, is_uri
+from job.write import OutputDir, VideoStatus, partition
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,27 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
         cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
     output.ensure_settings(settings)
     return Plan(cfg, videos, todo, finished, missing, settings, lease)
+
+
+def frames_to_detect(videos: list[Video], frame_stride: int, output: OutputDir) -> int:
+    """Frames the run will detect, as far as the containers say, for the progress bar's total up front.
+
+    Only local videos not started before (a resumed one's remainder is reported by its worker), and
+    only those whose container records a frame count; the rest join the total as workers open them.
+    """
+    import av  # container headers only: no decoding, no torch
+
+    total = 0
+    for video in videos:
+        if is_uri(video.path) or output.store.names(partition(video.video_id)):
+            continue
+        try:
+            with av.open(video.path) as container:
+                frames = container.streams.video[0].frames if container.streams.video else 0
+        except Exception:  # noqa: BLE001 - a bad file is the worker's to report
+            continue
+        total += math.ceil(frames / frame_stride)
+    return total
 
 
 def _changed(video: Video, previous: VideoStatus) -> bool:
