@@ -145,27 +145,34 @@ def find_worker_processes() -> list[psutil.Process]:
     return found
 
 
+def act_on_a_busy_worker_once_parts_exist(out: Path, action) -> tuple[threading.Thread, list[int]]:
+    """A started thread that, once the run has committed a part, applies `action` to one worker busy on a
+    video; the list it returns gets that worker's pid."""
+    touched: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if parts(out):
+                busy = [p for p in find_worker_processes() if "process" in " ".join(p.cmdline())]
+                if busy:
+                    action(busy[0])
+                    touched.append(busy[0].pid)
+                    return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher, touched
+
+
 @pytest.mark.parametrize("attempts, expect_status", [(3, "ok"), (1, "failed")])
 def test_a_killed_actor_is_replaced_and_its_video_retried(
     ray_session, video_dir, clean_run, make_cfg, tmp_path, attempts, expect_status
 ):
     out = tmp_path / "out"
     cfg = make_cfg(video_dir, *SETTINGS, f"ray.max_video_attempts={attempts}", output_dir=out)
-    killed: list[int] = []
-
-    def kill_one_worker_mid_video() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            if parts(out):
-                busy = [p for p in find_worker_processes() if "process" in " ".join(p.cmdline())]
-                if busy:
-                    busy[0].kill()
-                    killed.append(busy[0].pid)
-                    return
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_one_worker_mid_video, daemon=True)
-    killer.start()
+    killer, killed = act_on_a_busy_worker_once_parts_exist(out, psutil.Process.kill)
     summary = run(cfg)
     killer.join()
     assert killed, "no worker was killed"
@@ -190,21 +197,7 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_its_video_retrie
     """SIGSTOP stands for a stuck filesystem read or a decoder deadlock: the process is alive and silent."""
     out = tmp_path / "out"
     cfg = make_cfg(video_dir, *SETTINGS, "ray.stall_timeout_s=8", output_dir=out)
-    stopped: list[int] = []
-
-    def stop_one_worker_mid_video() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not stopped:
-            if parts(out):
-                busy = [p for p in find_worker_processes() if "process" in " ".join(p.cmdline())]
-                if busy:
-                    busy[0].suspend()  # SIGSTOP
-                    stopped.append(busy[0].pid)
-                    return
-            time.sleep(0.01)
-
-    stopper = threading.Thread(target=stop_one_worker_mid_video, daemon=True)
-    stopper.start()
+    stopper, stopped = act_on_a_busy_worker_once_parts_exist(out, psutil.Process.suspend)  # SIGSTOP
     summary = run(cfg)
     stopper.join()
     assert stopped, "no worker was stopped"
