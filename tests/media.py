@@ -90,3 +90,31 @@ def _audio_only(path: Path) -> None:
 
 
 __all__ = ["VFR_PTS_MS", "make_awkward_set", "scene", "write_video"]
+
+
+def cut_without_reencoding(source: Path, target: Path, keyframe: int, cut: int, fps: int = 25) -> Path:
+    """What `ffmpeg -ss <cut> -c copy` makes: packets from the keyframe before the cut, shifted so
+    the cut is at 0; the lead-in gets negative stamps, which the MP4 muxer hides with an edit list."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(target), "w") as dst:
+        stream_in = src.streams.video[0]
+        stream_out = dst.add_stream_from_template(stream_in)
+        ticks_per_frame = int(1 / (stream_in.time_base * fps))
+        for packet in src.demux(stream_in):
+            if packet.size == 0 or packet.pts < keyframe * ticks_per_frame:
+                continue
+            packet.pts -= cut * ticks_per_frame
+            packet.dts -= cut * ticks_per_frame
+            packet.stream = stream_out
+            dst.mux(packet)
+    return target
+
+
+def overwrite_middle(source: Path, target: Path, nbytes: int = 4096, seed: int = 0) -> Path:
+    """A copy of `source` with `nbytes` of random garbage over its middle (a bad sector, a torn write)."""
+    data = bytearray(source.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + nbytes] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    target.write_bytes(bytes(data))
+    return target

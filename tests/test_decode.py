@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from media import VFR_PTS_MS, make_awkward_set
+from media import VFR_PTS_MS, cut_without_reencoding, make_awkward_set, overwrite_middle
 
 from job.decode import DecodeProgress, VideoError, iter_batches, probe, timestamps_for
 from job.samples import scene, write_video
@@ -170,12 +170,17 @@ def test_decoder_threads_do_not_change_the_frames(tmp_path, decoder):
     assert torch.equal(torch.cat([b.frames for b in one]), torch.cat([b.frames for b in two]))
 
 
-def test_a_resolution_change_is_scaled_to_the_first_size_not_the_end(tmp_path):
+def joined_streams(tmp_path):
     """Two MPEG-TS streams of different sizes, concatenated byte for byte (as a camera that switches does)."""
     first = write_video(tmp_path / "a.ts", [scene(i, 160, 120) for i in range(20)], size=(160, 120))
     second = write_video(tmp_path / "b.ts", [scene(i, 320, 240) for i in range(20, 40)], size=(320, 240))
     joined = tmp_path / "switch.ts"
     joined.write_bytes(first.read_bytes() + second.read_bytes())
+    return joined
+
+
+def test_a_resolution_change_is_scaled_to_the_first_size_not_the_end(tmp_path):
+    joined = joined_streams(tmp_path)
     info, progress, batches = decode_all(joined)
     frames = torch.cat([b.frames for b in batches])
     assert progress.damage is None and progress.frames_decoded == 40
@@ -197,3 +202,47 @@ def test_a_still_image_named_like_a_video_is_not_a_video(tmp_path):
         container.mux(stream.encode())
     with pytest.raises(VideoError, match="an image, not a video"):
         probe(str(image))
+
+
+@DECODERS
+def test_an_edit_list_lead_in_is_not_frames(tmp_path, decoder):
+    """A clip cut at frame 23 without re-encoding starts at keyframe 20; frames 20-22 are never shown."""
+    source = write_video(tmp_path / "source.mp4", 60, options={"g": "10", "bf": "0"})
+    clip = cut_without_reencoding(source, tmp_path / "clip.mp4", keyframe=20, cut=23)
+    info, progress, batches = decode_all(clip, decoder=decoder)
+    _, _, original = decode_all(source)
+    assert info.hidden_frames == 3 and info.container_frames == 37
+    assert progress.damage is None and progress.frames_decoded == 37
+    assert np.concatenate([b.frame_indices for b in batches]).tolist() == list(range(37))
+    assert np.allclose(np.concatenate([b.timestamps_s for b in batches]), np.arange(37) / 25)
+    shown = torch.cat([b.frames for b in batches])
+    assert torch.equal(shown, torch.cat([b.frames for b in original])[23:])
+
+
+@DECODERS
+def test_damaged_packets_cost_their_own_frames_not_the_rest_of_the_video(tmp_path, decoder):
+    source = write_video(tmp_path / "source.mp4", 200, size=(320, 240), options={"g": "25"})
+    damaged = overwrite_middle(source, tmp_path / "damaged.mp4")
+    _, _, clean_batches = decode_all(source)
+    info, progress, batches = decode_all(damaged, decoder=decoder)
+    indices = np.concatenate([b.frame_indices for b in batches])
+    assert "could not be decoded (damaged data)" in progress.damage
+    assert 150 < progress.frames_decoded < 200 == info.container_frames
+    assert len(indices) == progress.frames_decoded and indices[-1] == 199
+    assert np.all(np.diff(indices) > 0)
+    # Frames keep their true index across the gap: from the last keyframe on they equal the clean decode.
+    clean = torch.cat([b.frames for b in clean_batches])
+    frames = torch.cat([b.frames for b in batches])
+    tail = indices >= 175
+    assert tail.sum() == 25 and torch.equal(frames[torch.from_numpy(tail)], clean[175:])
+    assert np.allclose(np.concatenate([b.timestamps_s for b in batches]), indices / 25)
+
+
+def test_decord_is_not_trusted_with_a_stream_whose_clock_restarts(tmp_path):
+    """decord 0.6.0 reorders two streams joined byte for byte (it shows the second one's frames first)."""
+    joined = joined_streams(tmp_path)
+    _, _, by_pyav = decode_all(joined)
+    _, progress, by_decord = decode_all(joined, decoder="decord")
+    assert progress.damage is None and progress.frames_decoded == 40
+    assert np.concatenate([b.frame_indices for b in by_decord]).tolist() == list(range(40))
+    assert torch.equal(torch.cat([b.frames for b in by_pyav]), torch.cat([b.frames for b in by_decord]))

@@ -110,3 +110,30 @@ def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3,
     assert (row.status, row.retryable) == ("failed", True)
     assert row.error.startswith("cannot fetch the video:") and "gone.mp4" in row.error
     assert OutputDir(tmp_path / "out").read_status(gone.video_id) == row
+
+
+def test_of_runs_starting_at_the_same_moment_on_s3_exactly_one_gets_the_lease(s3):
+    """S3's conditional PUT, not check-then-write: with 4 starters released together, one wins each time."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from job.errors import OutputBusyError
+    from job.lease import Lease
+    from job.storage import Store
+
+    for trial in range(10):
+        store = Store(f"s3://{BUCKET}/leases/{trial}")
+        start = Barrier(4)
+
+        def acquire(store=store, start=start):
+            lease = Lease(store)
+            start.wait()
+            try:
+                return lease.acquire()
+            except OutputBusyError:
+                return None
+
+        with ThreadPoolExecutor(4) as pool:
+            held = [lease for lease in pool.map(lambda _: acquire(), range(4)) if lease is not None]
+        assert len(held) == 1, f"trial {trial}: {len(held)} runs hold the lease"
+        held[0].release()

@@ -6,6 +6,7 @@ import math
 
 import polars as pl
 import pytest
+from media import cut_without_reencoding, overwrite_middle
 
 from job import write
 from job.config import ModelConfig, for_device
@@ -175,3 +176,23 @@ def test_a_video_replaced_after_it_was_done_or_between_a_kill_and_the_rerun_is_d
         row = process(video, cfg, detector)
         assert row.status == "ok" and row.frame_count == 40, (when, row)
         assert predictions(out / "out").equals(predictions(tmp_path / "clean")), when
+
+
+def test_a_clip_cut_without_reencoding_is_ok_not_partial(tmp_path, make_cfg, detector):
+    """The edit list's lead-in is not shown, so not missing: every shown frame is detected, timed from 0."""
+    source = write_video(tmp_path / "source.mp4", 60, options={"g": "10", "bf": "0"})
+    (tmp_path / "in").mkdir()
+    cut_without_reencoding(source, tmp_path / "in" / "clip.mp4", keyframe=20, cut=23)
+    row = process(only_video(tmp_path / "in"), make_cfg(tmp_path / "in"), detector)
+    assert (row.status, row.error, row.frame_count, row.frames_processed) == ("ok", None, 37, 37)
+    assert OutputDir(tmp_path / "out").committed_end(row.video_id) == 37
+
+
+def test_damaged_data_mid_file_is_partial_with_the_frames_after_it_detected(tmp_path, make_cfg, detector):
+    source = write_video(tmp_path / "source.mp4", 200, size=(320, 240), options={"g": "25"})
+    (tmp_path / "in").mkdir()
+    overwrite_middle(source, tmp_path / "in" / "damaged.mp4")
+    row = process(only_video(tmp_path / "in"), make_cfg(tmp_path / "in"), detector)
+    assert row.status == "partial" and "could not be decoded (damaged data)" in row.error
+    assert 150 < row.frame_count == row.frames_processed < 200
+    assert OutputDir(tmp_path / "out").committed_end(row.video_id) == 200  # detected to the last frame

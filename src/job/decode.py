@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
@@ -40,8 +40,10 @@ class VideoInfo:
     duration_s: float | None
     codec: str
     rotation: int  # degrees counterclockwise that turn the coded frame into the displayed one
-    container_frames: int | None  # the container's frame count, when it records one
-    pts_s: np.ndarray | None  # presentation time of each frame in display order, first frame at 0
+    container_frames: int | None  # frames the container lists and shows (edit-list lead-in excluded)
+    pts_s: np.ndarray | None  # presentation time of each shown frame in display order, first frame at 0
+    frame_pts: np.ndarray | None = None  # the same in the stream's time base, as the decoder stamps frames
+    hidden_frames: int = 0  # frames an edit list hides (the lead-in of a cut made without re-encoding)
 
 
 @dataclass
@@ -70,11 +72,12 @@ def probe(path: str) -> VideoInfo:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoError(f"no video stream in the file (streams found: {', '.join(kinds)})")
         stream = container.streams.video[0]
+        time_base = stream.time_base or Fraction(1, 1)
         codec = stream.codec_context.name
         coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
         fps = _fps(stream)
         duration_s = _duration_s(stream, container)
-        container_frames = stream.frames or None
+        listed_frames = stream.frames or None
         try:
             first = next(container.decode(stream), None)
         except av.error.FFmpegError as exc:
@@ -84,7 +87,10 @@ def probe(path: str) -> VideoInfo:
         rotation = _quarter_turns(first.rotation) * 90
         coded_w, coded_h = first.width, first.height
     width, height = (coded_h, coded_w) if rotation % 180 else (coded_w, coded_h)
-    return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, _presentation_times(path))
+    frame_pts, hidden = _presentation_stamps(path)
+    pts_s = None if frame_pts is None else (frame_pts - frame_pts[0]).astype(np.float64) * float(time_base)
+    container_frames = listed_frames - hidden if listed_frames else None
+    return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, pts_s, frame_pts, hidden)
 
 
 def iter_batches(
@@ -100,30 +106,23 @@ def iter_batches(
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, index >= start_frame).
 
-    `progress` (if given) ends up with the number of decodable frames and, if decoding stopped
-    early on damaged data, the reason. `window_frames` overrides how many frames decord decodes
-    per reader (see `_decord_frames`); `threads` is how many the decoder may use.
+    `progress` (if given) ends up with the number of decodable frames and what damage was met on
+    the way. `window_frames` overrides how many frames decord decodes per reader (see
+    `_decord_frames`); `threads` is how many the decoder may use.
     """
     progress = progress if progress is not None else DecodeProgress()
 
     def wanted(index: int) -> bool:
         return index >= start_frame and index % frame_stride == 0
 
-    if decoder == "pyav" or info.rotation != 0:
-        coded = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
-        frames = _pyav_frames(path, info.rotation, wanted, progress, threads, coded)
+    if decoder == "pyav" or not _decord_reads_right(info):
+        frames = _pyav_frames(path, info, wanted, progress, threads)
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
-        frames = _decord_frames(path, wanted, start_frame, window, progress, threads)
+        frames = _decord_then_pyav(path, info, wanted, start_frame, window, progress, threads)
     batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8)
     indices: list[int] = []
     for index, frame in frames:
-        if frame.shape != batch.shape[1:]:
-            progress.damage = (
-                f"frame {index} is {tuple(frame.shape[:2])} (height, width), the stream started at "
-                f"{info.height}x{info.width}; resolution changes are not supported"
-            )
-            break
         batch[len(indices)].copy_(frame)
         indices.append(index)
         if len(indices) == batch_size:
@@ -137,7 +136,13 @@ def iter_batches(
 @dataclass
 class DecodeProgress:
     frames_decoded: int = 0
-    damage: str | None = None  # why decoding stopped before the end of the stream
+    stopped: bool = False  # decord met data it could not decode
+    problems: list[str] = field(default_factory=list)  # damage met, in the order it was met
+
+    @property
+    def damage(self) -> str | None:
+        """Why some frames are missing from the results, if any are."""
+        return "; ".join(self.problems) or None
 
 
 def timestamps_for(indices: np.ndarray, info: VideoInfo) -> np.ndarray:
@@ -166,14 +171,48 @@ def _make_batch(batch: torch.Tensor, indices: list[int], info: VideoInfo) -> Fra
 DECORD_WINDOW_BYTES = 128 * 2**20
 
 
+def _decord_reads_right(info: VideoInfo) -> bool:
+    """decord 0.6.0 returns corrupt buffers for rotated streams, shows an edit list's hidden lead-in
+    frames, and reorders a stream whose clock restarts (streams joined byte for byte): those go to PyAV."""
+    return info.rotation == 0 and not info.hidden_frames and _stamps_unique(info.frame_pts)
+
+
+def _stamps_unique(frame_pts: np.ndarray | None) -> bool:
+    return frame_pts is None or bool(np.all(np.diff(frame_pts) > 0))
+
+
+def _decord_then_pyav(
+    path: str, info: VideoInfo, wanted: Callable[[int], bool], start: int, window: int, progress: DecodeProgress,
+    threads: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """decord's frames until it meets what it cannot handle (damaged packets, which stop it, or a
+    resolution change), then PyAV's from that frame on, so `decoder=decord` loses no more frames
+    than the default does."""
+    shape = (info.height, info.width, 3)
+    handover = None
+    for index, frame in _decord_frames(path, wanted, start, window, progress, threads):
+        if frame.shape != shape:
+            handover = index
+            break
+        yield index, frame
+    if handover is None and not progress.stopped:
+        return
+    handover = progress.frames_decoded if handover is None else handover
+    progress.stopped = False
+    rest = DecodeProgress()
+    yield from _pyav_frames(path, info, lambda i: i >= handover and wanted(i), rest, threads)
+    progress.frames_decoded, progress.problems = rest.frames_decoded, rest.problems
+
+
 def _decord_frames(
     path: str, wanted: Callable[[int], bool], start: int, window: int, progress: DecodeProgress, threads: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, frame) for the wanted frames, read sequentially with next() in bounded windows.
 
     next() rather than get_batch(): it counts the frames really decodable instead of trusting the
-    container's count, and stops cleanly at damage instead of failing a whole batch. A rerun
-    resumes at `start` with an accurate seek instead of decoding from frame 0.
+    container's count, and stops cleanly at damage instead of failing a whole batch (setting
+    `progress.stopped`). A rerun resumes at `start` with an accurate seek instead of decoding from
+    frame 0.
     """
     import decord
 
@@ -204,9 +243,8 @@ def _decord_frames(
                     held.append((index, torch.from_numpy(frame.asnumpy())))
                 if progress.frames_decoded - position >= window:
                     break
-        except decord.DECORDError as exc:
-            progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {first_line(exc)}"
-            finished = True
+        except decord.DECORDError:
+            progress.stopped = finished = True
         finally:
             del reader
         yield from held
@@ -216,58 +254,110 @@ def _decord_frames(
 
 
 def _pyav_frames(
-    path: str, rotation: int, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int,
-    coded_size: tuple[int, int] | None = None,
+    path: str, info: VideoInfo, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Frames in display order; every one at `coded_size` (width, height before rotation), so a stream
-    whose resolution changes midway is scaled to its first size instead of ending there."""
-    turns = _quarter_turns(rotation)
-    width, height = coded_size or (None, None)
+    """Frames in display order, each with its index among the shown frames, at the displayed size.
+
+    Packets are decoded one by one so that a damaged one costs its own frames, not the rest of the
+    video (as with ffmpeg); frames are numbered by their PTS among the stream's packets, so the
+    frames after a gap keep their true index. A stream whose resolution changes midway is scaled
+    to its first size.
+    """
+    turns = _quarter_turns(info.rotation)
+    width, height = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
+    number = _FrameNumbering(info.frame_pts)
     # One reformatter for the whole stream keeps its swscale context; frame.to_ndarray() builds a
     # new one per frame (measured 3-4x slower at 640x272). One conversion thread: PyAV 17+ otherwise
     # starts one per CPU, which measured slower here; the decoder has its own threads.
     to_rgb = VideoReformatter()
+    progress.frames_decoded = 0
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.thread_count = threads
-        frames = container.decode(stream)
-        while True:
-            try:
-                frame = next(frames)
-            except StopIteration:
-                return
-            except av.error.FFmpegError as exc:
-                progress.damage = f"decoding stopped at frame {progress.frames_decoded}: {_reason(exc)}"
-                return
-            index = progress.frames_decoded
-            progress.frames_decoded += 1
-            if not wanted(index):
-                continue
-            rgb = to_rgb.reformat(frame, format="rgb24", width=width, height=height, threads=1).to_ndarray()
-            yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
+        for frames in _decoded_per_packet(container, stream, progress):
+            for frame in frames:
+                index = number(frame.pts)
+                progress.frames_decoded += 1
+                if not wanted(index):
+                    continue
+                rgb = to_rgb.reformat(frame, format="rgb24", width=width, height=height, threads=1).to_ndarray()
+                yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
+    if number.skipped:
+        progress.problems.insert(0, f"{number.skipped} frames could not be decoded (damaged data), the other "
+                                    f"{progress.frames_decoded} were")
 
 
-def _presentation_times(path: str) -> np.ndarray | None:
-    """The video packets' PTS in display order, relative to the first; demuxing only, no decoding."""
+def _decoded_per_packet(container, stream, progress: DecodeProgress) -> Iterator[list]:
+    """Each packet's decoded frames, then the decoder's held-back ones; damaged packets are skipped."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.error.FFmpegError as exc:  # the container itself is unreadable from here on
+            progress.problems.append(f"reading stopped after frame {progress.frames_decoded}: {_reason(exc)}")
+            break
+        if packet.size == 0:
+            continue
+        try:
+            yield stream.decode(packet)
+        except av.error.FFmpegError:
+            continue  # its frames are missing: counted as gaps by the numbering
+    try:
+        yield stream.decode(None)
+    except av.error.FFmpegError:
+        return
+
+
+class _FrameNumbering:
+    """A decoded frame's index among the shown frames, from its PTS; counts the frames skipped."""
+
+    def __init__(self, frame_pts: np.ndarray | None):
+        # Repeated stamps (streams joined byte for byte restart their clock) say nothing about order:
+        # then frames are numbered as they come.
+        self.frame_pts = frame_pts if _stamps_unique(frame_pts) else None
+        self.next = 0
+        self.skipped = 0
+
+    def __call__(self, pts: int | None) -> int:
+        index = self.next
+        if pts is not None and self.frame_pts is not None:
+            found = int(np.searchsorted(self.frame_pts, pts))
+            if found < len(self.frame_pts) and self.frame_pts[found] == pts and found >= self.next:
+                index = found
+        self.skipped += index - self.next
+        self.next = index + 1
+        return index
+
+
+def _presentation_stamps(path: str) -> tuple[np.ndarray | None, int]:
+    """The shown video packets' PTS in display order, and how many packets an edit list hides.
+
+    Demuxing only, no decoding. Packets flagged discard (the lead-in before an edit list's start,
+    which `ffmpeg -ss ... -c copy` leaves in the file) are never shown, so they are not frames.
+    """
     stamps: list[int] = []
+    hidden = 0
     with av.open(path) as container:
         stream = container.streams.video[0]
-        time_base = stream.time_base or Fraction(1, 1)
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue
+                if packet.is_discard:
+                    hidden += 1
+                    continue
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if stamp is None:
-                    return None
+                    return None, hidden
                 stamps.append(stamp)
         except av.error.FFmpegError:
             pass  # damaged tail: the decoder reports it; keep the stamps read so far
     if not stamps:
-        return None
-    ordered = np.sort(np.asarray(stamps, dtype=np.int64))
-    return (ordered - ordered[0]).astype(np.float64) * float(time_base)
+        return None, hidden
+    return np.sort(np.asarray(stamps, dtype=np.int64)), hidden
 
 
 def _fps(stream) -> float | None:

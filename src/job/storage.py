@@ -44,6 +44,28 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, rest
 
 
+def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
+    """S3's conditional PUT (If-None-Match: *): whether it created the object; None without boto3.
+
+    boto3 reads the same credentials and AWS_ENDPOINT_URL as pyarrow's S3 filesystem.
+    """
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return None
+    bucket, key = path.split("/", 1)
+    try:
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise OutputWriteError(f"cannot write to output_dir={location}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise OutputWriteError(f"cannot write to output_dir={location}: {exc}") from exc
+    return True
+
+
 class Store:
     """A directory (local or object-store prefix) whose objects are written whole or not at all.
 
@@ -76,8 +98,9 @@ class Store:
     def create_exclusive(self, relative: str, data: bytes) -> bool:
         """Write `relative` only if it does not exist; whether this call created it.
 
-        Atomic on a local or shared POSIX filesystem (O_EXCL). Object stores: checked, then written,
-        which two writers starting within the same moment could both pass (pyarrow has no conditional PUT).
+        Atomic on a local or shared POSIX filesystem (O_EXCL) and on S3 with boto3 installed (the `s3`
+        extra: a conditional PUT, which pyarrow cannot send). Other object stores: checked, then written,
+        which two writers starting within the same moment could both pass.
         """
         if self.local:
             path = Path(self.path(relative))
@@ -91,6 +114,10 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
+        if self.location.startswith("s3://"):
+            created = _s3_put_if_absent(self.location, self.path(relative), data)
+            if created is not None:
+                return created
         if self.get(relative) is not None:
             return False
         self.put(relative, data)
