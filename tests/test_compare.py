@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import polars as pl
 
 from job.compare import per_class_table, runs_table
 from job.write import OutputDir, detections_frame
@@ -33,6 +34,18 @@ def test_runs_get_short_labels_and_a_failed_run_is_listed(tmp_path):
     per_class = per_class_table(tmp_path)
     assert per_class.columns == ["class_name", "run1", "run2"]
     assert per_class.rows() == [("car", 1, 0), ("person", 2, 1)]
+
+
+def test_distinct_objects_per_class_stand_beside_detections_for_a_tracked_run(tmp_path):
+    make_run(tmp_path / "tracked", 0.3, [1, 1, 2])
+    out = OutputDir(tmp_path / "tracked")
+    tracked = out.video_detections("v-1").with_columns(pl.Series("track_id", [7, None, 8], dtype=pl.Int64))
+    out.write_tracks("v-1", tracked, {})
+    out.write_track_summary()
+    make_run(tmp_path / "untracked", 0.5, [1])
+    per_class = per_class_table(tmp_path)
+    assert per_class.columns == ["class_name", "run1", "run1 objects", "run2"]
+    assert per_class.rows() == [("car", 1, 1, 0), ("person", 2, 1, 1)]
 
 
 def test_one_run_folder_and_help(tmp_path):

@@ -19,6 +19,16 @@ def test_an_impossible_value_is_one_line_and_exit_2(tmp_path):
     assert "frame_stride must be >= 1, got 0" in result.output and "Traceback" not in result.output
 
 
+def test_what_hydra_cannot_compose_exits_2_with_hydras_reason(tmp_path):
+    """An unknown preset or a value of the wrong type is a setting to fix too, not a bug."""
+    for setting, reason in (("tracker=foo", "Could not find 'tracker/foo'"),
+                            ("batch_size=abc", "could not be converted to Integer")):
+        result = run_cli(f"video_dir={tmp_path}", f"output_dir={tmp_path / 'out'}", setting,
+                         f"hydra.run.dir={tmp_path / 'hydra'}")
+        assert result.returncode == 2, result.output
+        assert reason in result.output and "Traceback" not in result.output
+
+
 def test_a_missing_video_dir_is_one_line_and_exit_2(tmp_path):
     result = run_cli(f"video_dir={tmp_path / 'nope'}", f"output_dir={tmp_path / 'out'}",
                      f"hydra.run.dir={tmp_path / 'hydra'}")

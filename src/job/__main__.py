@@ -28,10 +28,15 @@ CONFIG_PATH = ("pkg://job.configs" if importlib.util.find_spec("job.configs")
                else str(Path(__file__).resolve().parents[2] / "configs"))
 
 
+_composed = False  # whether Hydra got as far as calling main: if not, its exit 1 is a setting to fix
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
     from job.run import run
 
+    global _composed
+    _composed = True
     try:
         settings = load(cfg)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -51,5 +56,16 @@ def main(cfg: DictConfig) -> None:
         raise
 
 
+def cli() -> None:
+    """main, with Hydra's own errors (an unknown preset such as model=foo, a value of the wrong type;
+    it has printed what it could not compose) given the exit code of a setting to fix."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _composed:
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

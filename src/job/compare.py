@@ -3,7 +3,7 @@
 OUTPUT_DIR is a sweep's output_dir (its runs are the directories under it) or one run's output_dir.
 Prints, with polars, one row per run (a short label, its settings, frames, detections, frames/s;
 a run without a manifest is listed as failed or unfinished) and detections per class, one column
-per run label.
+per run label, with distinct objects (tracks) per class beside it for runs made with a tracker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from job.write import MANIFEST, STATE, scan_predictions
+from job.write import MANIFEST, STATE, TRACK_SUMMARY, scan_predictions
 
 
 def find_runs(output_dir: Path) -> list[Path]:
@@ -49,12 +49,17 @@ def runs_table(output_dir: Path) -> pl.DataFrame:
 
 
 def per_class_table(output_dir: Path) -> pl.DataFrame:
-    """Detections per class, one column per run label (`runs_table` says which run a label is)."""
-    counts = [
-        scan_predictions(str(run_dir)).group_by("class_name").len().rename({"len": _label(index)}).collect()
-        for index, run_dir in enumerate(find_runs(output_dir))
-        if any((run_dir / "predictions").glob("*/*.parquet"))
-    ]
+    """Detections per class, one column per run label (`runs_table` says which run a label is), and
+    "<label> objects" (distinct tracks) beside it when the run has tracks."""
+    counts = []
+    for index, run_dir in enumerate(find_runs(output_dir)):
+        if not any((run_dir / "predictions").glob("*/*.parquet")):
+            continue
+        counts.append(scan_predictions(str(run_dir)).group_by("class_name").len()
+                      .rename({"len": _label(index)}).collect())
+        if (run_dir / TRACK_SUMMARY).exists():
+            counts.append(pl.read_parquet(run_dir / TRACK_SUMMARY).group_by("class_name").len()
+                          .rename({"len": f"{_label(index)} objects"}))
     if not counts:
         return pl.DataFrame({"class_name": []}, schema={"class_name": pl.String})
     table = counts[0]

@@ -92,6 +92,19 @@ class OutputConfig:
     compression: str = "zstd"
 
 
+TRACKERS = ("bytetrack", "sort", "ocsort")
+
+
+@dataclass
+class TrackerConfig:
+    # null: no tracking. bytetrack | sort | ocsort: the `trackers` library's tracker of that name,
+    # run over each finished video's detections (the `track` extra: pip install -e ".[track]").
+    name: Optional[str] = None  # noqa: UP045
+    # The tracker's own keyword arguments (e.g. {lost_track_buffer: 60}); unset ones keep the
+    # library's defaults. frame_rate is always the video's.
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class JobConfig:
     video_dir: str = MISSING
@@ -113,6 +126,28 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    # Make the results report (python -m job.report) at the end of the run: it decodes and encodes again.
+    report: bool = False
+
+
+@dataclass
+class ReportConfig:
+    """`python -m job.report output_dir=OUT`: pictures of a run's results, under OUT/report/."""
+
+    output_dir: str = MISSING
+    # Where the videos are: null takes the run's video_dir from its manifest.json.
+    video_dir: Optional[str] = None  # noqa: UP045
+    # How much of each video preview.mp4 covers, from its first frame; null: all of it.
+    preview_seconds: Optional[float] = 10.0  # noqa: UP045
+    # Draw (and count in the timeline and sheet) only boxes scoring at least this.
+    min_score: float = 0.0
+    # Only videos whose path (relative to video_dir) matches this glob, e.g. "cam1/*.mp4".
+    videos: Optional[str] = None  # noqa: UP045
+    # Only these class names, e.g. [person,car].
+    classes: Optional[list[str]] = None  # noqa: UP045
+    # Annotated frames on each video's contact sheet (those with the most detections).
+    sheet_frames: int = 6
 
 
 def given_classes(model: ModelConfig) -> list[str] | None:
@@ -157,6 +192,8 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="ray", name="base_ray", node=RayConfig)
     cs.store(group="output", name="base_output", node=OutputConfig)
+    cs.store(group="tracker", name="base_tracker", node=TrackerConfig)
+    cs.store(name="base_report", node=ReportConfig)
 
 
 def load(cfg: DictConfig) -> JobConfig:
@@ -174,6 +211,24 @@ def load(cfg: DictConfig) -> JobConfig:
     settings.video_dir = _local_path(settings.video_dir)
     settings.output_dir = _local_path(settings.output_dir)
     validate(settings)
+    return settings
+
+
+def load_report(cfg: DictConfig) -> ReportConfig:
+    """`python -m job.report`'s composed config as typed settings, checked."""
+    unknown = unknown_keys(cfg, ReportConfig)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(unknown)}: python -m job.report --help lists the settings")
+    if OmegaConf.is_missing(cfg, "output_dir"):
+        raise ConfigError("output_dir is required: python -m job.report output_dir=/path/to/a/run/output")
+    settings = OmegaConf.to_object(cfg)
+    assert isinstance(settings, ReportConfig), type(settings)
+    settings.output_dir = _local_path(settings.output_dir)
+    settings.video_dir = _local_path(settings.video_dir) if settings.video_dir else None
+    if settings.preview_seconds is not None and settings.preview_seconds <= 0:
+        raise ConfigError(f"preview_seconds must be > 0 or null (the whole video), got {settings.preview_seconds}")
+    if settings.sheet_frames < 1:
+        raise ConfigError(f"sheet_frames must be >= 1, got {settings.sheet_frames}")
     return settings
 
 
@@ -219,6 +274,8 @@ def validate(cfg: JobConfig) -> None:
         problems.append("ray.stall_timeout_s must be > 0 or null")
     if cfg.ray.max_video_attempts < 1:
         problems.append("ray.max_video_attempts must be >= 1")
+    if cfg.tracker.name is not None and cfg.tracker.name not in TRACKERS:
+        problems.append(f"tracker must be one of {', '.join(TRACKERS)} or null, got {cfg.tracker.name}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
+from job import track
 from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
@@ -39,6 +40,7 @@ def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
     The model is checked (and torch imported) only when there is work, and before the settings
     are recorded: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
     """
+    track.check(cfg.tracker)
     videos = discover_videos(cfg.video_dir)
     foreign = output.foreign_entries()
     if foreign:

@@ -1,4 +1,4 @@
-"""One run, start to end: plan (what to do) -> execute (the actor pool) -> finish (tables, manifest, summary)."""
+"""One run, start to end: plan (what to do) -> execute (the actor pool) -> track (if asked) -> finish (tables, manifest, summary)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,22 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
                 if status.error:
                     log.warning("%s: %s: %s", status.path, status.status, status.error)
             processing_seconds = actor_run.processing_seconds
+    if cfg.tracker.name or output.has_tracks():
+        _track(plan, output, statuses)
     summary = summarize(str(cfg.output_dir), plan.videos, statuses, len(plan.finished),
                         [v.video_id for v in plan.todo], time.monotonic() - started, processing_seconds,
                         missing=len(plan.missing))
     write_tables(output, plan, statuses, summary, started_at, ray_job_id)
     log.info("summary: %s", summary.describe())
     return summary
+
+
+def _track(plan: Plan, output: OutputDir, statuses: dict[str, VideoStatus]) -> None:
+    """Tracks for every finished video (missing ones too: their detections are kept), counted in the table."""
+    from job.track import TrackedVideo, update_tracks
+
+    videos = [TrackedVideo(v.video_id, v.path, statuses[v.video_id]) for v in plan.videos]
+    videos += [TrackedVideo(status.video_id, None, status) for status in plan.missing]
+    counts = update_tracks(output, plan.settings.tracker, videos, plan.settings.frame_stride)
+    for video in videos:
+        video.status.tracks = counts.get(video.video_id)

@@ -2,11 +2,14 @@
 
     output_dir/
       predictions/video_id=<id>/part-<start>-<end>.parquet   detections of frames [start, end)
+      tracks/video_id=<id>/tracks.parquet                     its detections with track_id (tracker=...)
+      track_summary.parquet                                   one row per track
       videos.parquet                                          one row per discovered file
       manifest.json                                           the last run: config, versions, totals
       _state/settings.json                                    what the detections depend on
       _state/videos/<id>.json                                 a video's final status (its commit record)
       _state/progress/<id>.json                               the content fingerprint a video's parts come from
+      _state/tracks/<id>.json                                 what a video's tracks were made from
       _state/lease.json                                       the running job's lease (lease.py)
       _state/tmp/                                             local writes staged before their rename
 
@@ -36,6 +39,8 @@ from job.storage import TMP_DIR, Store
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions"
+TRACKS = "tracks"
+TRACK_SUMMARY = "track_summary.parquet"
 VIDEOS_TABLE = "videos.parquet"
 MANIFEST = "manifest.json"
 STATE = "_state"
@@ -78,6 +83,7 @@ class VideoStatus:
     attempts: int = _column(pl.Int64, 1)
     worker: str | None = _column(pl.String)  # host:pid of the Ray actor that finished it
     device: str | None = _column(pl.String)
+    tracks: int | None = _column(pl.Int64)  # distinct confirmed tracks (with a tracker), filled in by the driver
     # Kept in the status record, not in the table: whether a rerun should try again (not for facts
     # about the file, yes for crashes and bugs), and the frames this attempt detected (the rest of
     # frames_processed was committed by an earlier run).
@@ -219,6 +225,58 @@ class OutputDir:
         self.store.delete_dir(partition(video_id))
         self.store.delete(f"{STATE}/videos/{video_id}.json")
         self.store.delete(f"{STATE}/progress/{video_id}.json")
+        self.remove_tracks(video_id)
+
+    def video_detections(self, video_id: str) -> pl.DataFrame:
+        """One video's committed detections (all its parts), for tracking."""
+        parts = [pl.read_parquet(self.store.get(f"{partition(video_id)}/{name}"))
+                 for name in sorted(self.store.names(partition(video_id))) if _PART.match(name)]
+        return pl.concat(parts) if parts else pl.DataFrame(schema=PREDICTION_SCHEMA)
+
+    def has_tracks(self) -> bool:
+        return bool(self.store.entries(TRACKS)) or bool(self.store.names(f"{STATE}/tracks"))
+
+    def tracks_state(self, video_id: str) -> dict | None:
+        stored = self.store.get(f"{STATE}/tracks/{video_id}.json")
+        return json.loads(stored) if stored is not None else None
+
+    def write_tracks(self, video_id: str, rows: pl.DataFrame, state: dict) -> None:
+        """The tracks file first, then the record of what it was made from: a kill between leaves it to redo."""
+        self.store.put(f"{TRACKS}/video_id={video_id}/tracks.parquet", _parquet_bytes(rows, compression="zstd"))
+        self.store.put(f"{STATE}/tracks/{video_id}.json", _json_bytes(state))
+
+    def remove_tracks(self, video_id: str) -> None:
+        self.store.delete(f"{STATE}/tracks/{video_id}.json")
+        self.store.delete(f"{TRACKS}/video_id={video_id}/tracks.parquet")
+        self.store.delete_dir(f"{TRACKS}/video_id={video_id}")
+
+    def write_track_summary(self) -> pl.DataFrame | None:
+        """track_summary.parquet from every video's tracks (removed when there are none); returns it."""
+        if not any(name.startswith("video_id=") for name in self.store.entries(TRACKS)):
+            self.store.delete(TRACK_SUMMARY)
+            return None
+        tracked = pl.concat([
+            pl.read_parquet(data).with_columns(pl.lit(name.removeprefix("video_id=")).alias("video_id"))
+            for name in sorted(self.store.entries(TRACKS))
+            if (data := self.store.get(f"{TRACKS}/{name}/tracks.parquet")) is not None
+        ], how="diagonal_relaxed")
+        summary = (
+            tracked.filter(pl.col("track_id").is_not_null())
+            .sort("video_id", "track_id", "frame_index")
+            .group_by("video_id", "track_id", maintain_order=True)
+            .agg(
+                pl.col("class_name").mode().sort().first().alias("class_name"),
+                pl.col("frame_index").first().alias("first_frame_index"),
+                pl.col("frame_index").last().alias("last_frame_index"),
+                pl.col("timestamp_s").first().alias("first_timestamp_s"),
+                pl.col("timestamp_s").last().alias("last_timestamp_s"),
+                pl.col("frame_index").n_unique().alias("frames"),
+                pl.col("score").mean().alias("mean_score"),
+                pl.col("score").max().alias("max_score"),
+            )
+        )
+        self.store.put(TRACK_SUMMARY, _parquet_bytes(summary))
+        return summary
 
     def commit_part(self, video_id: str, start: int, end: int, rows: pl.DataFrame, compression: str) -> None:
         data = _parquet_bytes(rows, compression=compression, statistics=True)
