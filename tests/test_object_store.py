@@ -137,3 +137,25 @@ def test_of_runs_starting_at_the_same_moment_on_s3_exactly_one_gets_the_lease(s3
             held = [lease for lease in pool.map(lambda _: acquire(), range(4)) if lease is not None]
         assert len(held) == 1, f"trial {trial}: {len(held)} runs hold the lease"
         held[0].release()
+
+
+def test_the_report_of_an_s3_output_reads_the_videos_from_s3_and_writes_beside_the_results(s3, weights_path,
+                                                                                          tmp_path):
+    from job.config import ReportConfig
+    from job.report import make_report
+
+    client, env, _ = s3
+    out = f"s3://{BUCKET}/report-run"
+    job = subprocess.run([sys.executable, "-m", "job", f"video_dir=s3://{BUCKET}/videos", f"output_dir={out}",
+                          f"model.weights={weights_path}", f"score_threshold={THRESHOLD}", "device=cpu",
+                          "ray.num_cpus=2", "ray.num_actors=1", *SETTINGS], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, **env}, timeout=600)
+    assert job.returncode == 0, job.stdout + job.stderr
+    make_report(ReportConfig(output_dir=out))
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="report-run/report/")["Contents"]}
+    videos = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="report-run/videos.parquet")["Body"].read())
+    with_detections = videos.filter(pl.col("detections") > 0)["video_id"].to_list()
+    assert with_detections
+    assert keys == {"report-run/report/index.html"} | {
+        f"report-run/report/{video_id}/{name}" for video_id in with_detections
+        for name in ("preview.mp4", "timeline.png", "sheet.jpg")}

@@ -53,6 +53,13 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
                         missing=len(plan.missing))
     write_tables(output, plan, statuses, summary, started_at, ray_job_id)
     log.info("summary: %s", summary.describe())
+    if cfg.report:
+        from job.config import ReportConfig
+        from job.report import make_report
+
+        log.info("report: %s", make_report(ReportConfig(output_dir=cfg.output_dir)))
+    else:
+        log.info("pictures of the results: python -m job.report output_dir=%s", cfg.output_dir)
     return summary
 
 

@@ -270,7 +270,7 @@ class OutputDir:
                 pl.col("frame_index").last().alias("last_frame_index"),
                 pl.col("timestamp_s").first().alias("first_timestamp_s"),
                 pl.col("timestamp_s").last().alias("last_timestamp_s"),
-                pl.col("frame_index").n_unique().alias("frames"),
+                pl.col("frame_index").n_unique().cast(pl.Int64).alias("frames"),
                 pl.col("score").mean().alias("mean_score"),
                 pl.col("score").max().alias("max_score"),
             )
