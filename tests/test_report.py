@@ -41,7 +41,8 @@ def report_run(tmp_path_factory, ray_session, weights_path):
     (videos / "broken.mp4").write_bytes(b"not a video at all")
     cfg = compose_config([f"video_dir={videos}", f"output_dir={out}", f"model.weights={weights_path}",
                           "score_threshold=0.25", "device=cpu", "ray.num_actors=2", "ray.cpus_per_actor=1",
-                          "report=true"])
+                          "report=true", "tracker=bytetrack", "+tracker.params.track_activation_threshold=0.3",
+                          "+tracker.params.high_conf_det_threshold=0.35"])
     run(cfg)
     assert (out / "report" / "index.html").exists(), "report=true makes the report at the end of the run"
     shutil.move(videos / "moved.mp4", root / "moved-away.mp4")
@@ -154,6 +155,21 @@ def test_every_link_of_the_page_exists_and_every_video_is_listed_with_its_reason
         f'href="#{moved["video_id"]}"' not in page
 
 
+def test_the_page_counts_detections_and_distinct_objects_per_class(report_run):
+    _, out = report_run
+    page = (out / "report" / "index.html").read_text()
+    shown = table(out)["video_id"].to_list()  # counted from the output, the moved video's too
+    detections = write.scan_predictions(str(out)).filter(pl.col("video_id").is_in(shown)).group_by(
+        "class_name").len().collect()
+    objects = dict(pl.read_parquet(out / "track_summary.parquet").filter(pl.col("video_id").is_in(shown))
+                   .group_by("class_name").len().iter_rows())
+    assert sum(objects.values()) > 0
+    classes = page.split('<table id="classes">', 1)[1].split("</table>", 1)[0]
+    for name, count in detections.iter_rows():
+        assert f"<tr><td>{name}</td><td class=number>{count}</td><td class=number>{objects.get(name, 0)}</td></tr>" \
+            in classes, name
+
+
 def test_the_page_renders_in_headless_chromium_with_the_videos_table(report_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -183,3 +199,24 @@ def test_report_without_a_finished_run_is_one_line_and_exit_2(tmp_path):
     said = result.stdout + result.stderr
     assert result.returncode == 2, said
     assert "pass the output_dir of a run that finished" in said and "Traceback" not in said
+
+
+def test_frames_the_detector_skipped_show_the_boxes_of_the_last_frame_it_saw(tmp_path):
+    """frame_stride=2: frame 1 shows frame 0's box; frame 2 was seen and had nothing, so shows none."""
+    from job.report import pictures
+
+    source = write_video(tmp_path / "clip.mp4", 4, size=(160, 120))
+    info = probe(str(source))
+    rows = pl.DataFrame([{"frame_index": 0, "timestamp_s": 0.0, "class_id": 1, "class_name": "car", "score": 0.9,
+                          "x1": 20.0, "y1": 20.0, "x2": 120.0, "y2": 100.0}], schema=write.PREDICTION_SCHEMA)
+    preview = tmp_path / "preview.mp4"
+    pictures.render(str(source), info, rows, 2, None, [], str(preview))
+    _, drawn = decoded(preview)
+    _, plain = decoded(source)
+    edge = (slice(19, 23), slice(20, 120))  # the box's top edge, 3 px wide
+
+    def on_edge(index):
+        return (drawn[index][edge].float() - plain[index][edge].float()).abs().mean().item()
+
+    assert on_edge(0) > 20 and on_edge(1) > 20
+    assert on_edge(2) < 3 and on_edge(3) < 3

@@ -22,7 +22,7 @@ from job.discover import discover_videos
 from job.errors import ConfigError, JobError
 from job.report import page, pictures, timeline
 from job.storage import local_copy
-from job.write import MANIFEST, VIDEOS_TABLE, OutputDir
+from job.write import MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE, OutputDir
 
 log = logging.getLogger(__name__)
 REPORT = "report"
@@ -50,6 +50,7 @@ def make_report(cfg: ReportConfig) -> str:
     except JobError as exc:
         located, not_found = {}, str(exc)
     entries = []
+    per_class: list[pl.DataFrame] = []
     for row in tqdm(videos.iter_rows(named=True), total=videos.height, desc="report", unit="video",
                     dynamic_ncols=True):
         entry = page.VideoEntry(row)
@@ -58,6 +59,7 @@ def make_report(cfg: ReportConfig) -> str:
             entry.note = "no detections" if row["status"] != "failed" else "failed: see error"
             continue
         rows = _selected(output.video_detections(row["video_id"]), cfg)
+        per_class.append(rows.group_by("class_name").len("detections"))
         if rows.height == 0:
             entry.note = "no detections at this min_score / these classes"
             continue
@@ -70,9 +72,28 @@ def make_report(cfg: ReportConfig) -> str:
             entry.note = f"cannot be read again: {exc}"
             continue
         entry.pictures = row["video_id"]
+    classes = _class_table(output, per_class, videos["video_id"].to_list(), cfg)
     index = f"{REPORT}/index.html"
-    output.store.put(index, page.render(cfg.output_dir, manifest, entries).encode())
+    output.store.put(index, page.render(cfg.output_dir, manifest, entries, classes).encode())
     return output.store.path(index)
+
+
+def _class_table(output: OutputDir, per_class: list[pl.DataFrame], video_ids: list[str],
+                 cfg: ReportConfig) -> pl.DataFrame:
+    """Detections per class over the report's videos, and distinct objects (tracks) beside them when the run
+    has tracks."""
+    if not per_class:
+        return pl.DataFrame(schema={"class_name": pl.String, "detections": pl.Int64})
+    table = pl.concat(per_class).group_by("class_name").agg(pl.col("detections").sum().cast(pl.Int64))
+    summary = output.store.get(TRACK_SUMMARY)
+    if summary is not None:
+        tracks = pl.read_parquet(summary).filter(pl.col("video_id").is_in(video_ids) &
+                                                 (pl.col("max_score") >= cfg.min_score))
+        if cfg.classes:
+            tracks = tracks.filter(pl.col("class_name").is_in([str(name) for name in cfg.classes]))
+        objects = tracks.group_by("class_name").len("objects").with_columns(pl.col("objects").cast(pl.Int64))
+        table = table.join(objects, on="class_name", how="left").with_columns(pl.col("objects").fill_null(0))
+    return table.sort(["detections", "class_name"], descending=[True, False])
 
 
 def _selected(rows: pl.DataFrame, cfg: ReportConfig) -> pl.DataFrame:

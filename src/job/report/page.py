@@ -6,6 +6,8 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -27,7 +29,8 @@ class VideoEntry:
     note: str | None = None  # why it has no pictures
 
 
-def render(output_dir: str, manifest: dict[str, Any], entries: list[VideoEntry]) -> str:
+def render(output_dir: str, manifest: dict[str, Any], entries: list[VideoEntry], classes: pl.DataFrame) -> str:
+    """The page; `classes`: detections per class (and distinct objects, with tracks) over the videos shown."""
     config = manifest.get("config", {})
     rows = [entry.row for entry in entries]
     totals = {"videos": len(rows), **{status: sum(r["status"] == status for r in rows)
@@ -51,6 +54,7 @@ def render(output_dir: str, manifest: dict[str, Any], entries: list[VideoEntry])
         f"<h1>Detections in {_e(output_dir)}</h1>",
         "<h2>Totals</h2>", _key_values(totals),
         "<h2>Videos</h2>", _videos_table(entries),
+        "<h2>Classes</h2>", _frame_table(classes, "classes"),
         "<h2>Run</h2>", _key_values(settings),
     ]
     for entry in entries:
@@ -85,6 +89,13 @@ def _videos_table(entries: list[VideoEntry]) -> str:
         lines.append(f"<tr>{''.join(cells)}</tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
+
+
+def _frame_table(frame: pl.DataFrame, table_id: str) -> str:
+    header = "".join(f"<th>{_e(column)}</th>" for column in frame.columns)
+    body = "".join("<tr>" + "".join(f'<td{" class=number" if isinstance(v, (int, float)) else ""}>{_e(_format(v))}</td>'
+                                    for v in row) + "</tr>" for row in frame.iter_rows())
+    return f'<table id="{table_id}"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _key_values(values: dict[str, Any]) -> str:
