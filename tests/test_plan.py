@@ -47,21 +47,29 @@ def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg
     cfg = make_cfg(tmp_path / "in")
     output = OutputDir(cfg.output_dir)
     first = plan_of(cfg, output)
-    assert [v.relative_path for v in first.todo] == ["a.mp4", "b.mp4", "c.mp4"] and not first.finished
+    assert sorted(v.relative_path for v in first.todo) == ["a.mp4", "b.mp4", "c.mp4"] and not first.finished
     a, b, c = first.videos
     output.write_status(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok",
                                     fingerprint=fingerprint(a.path)))
     output.write_status(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True,
                                     fingerprint=fingerprint(b.path)))
     again = plan_of(cfg, output)
-    assert [v.relative_path for v in again.todo] == ["b.mp4", "c.mp4"]
+    assert sorted(v.relative_path for v in again.todo) == ["b.mp4", "c.mp4"]
     assert list(again.finished) == [a.video_id]
     # A finished video whose file was replaced is done again; so is a failed one (e.g. copied in since).
     output.write_status(VideoStatus(video_id=c.video_id, path=c.relative_path, fingerprint=fingerprint(c.path)))
     write_video(tmp_path / "in" / "a.mp4", 3, size=(64, 48))
     with open(tmp_path / "in" / "c.mp4", "ab") as grown:
         grown.write(b"the rest of a file still being copied")
-    assert [v.relative_path for v in plan_of(cfg, output).todo] == ["a.mp4", "b.mp4", "c.mp4"]
+    assert sorted(v.relative_path for v in plan_of(cfg, output).todo) == ["a.mp4", "b.mp4", "c.mp4"]
+
+
+def test_the_longest_videos_are_queued_first(tmp_path, make_cfg):
+    """So that a batch does not end with one long video running alone."""
+    for name, frames in (("a.mp4", 3), ("b.mp4", 40), ("c.mp4", 12)):
+        write_video(tmp_path / "in" / name, frames, size=(64, 48))
+    plan = plan_of(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
+    assert [v.relative_path for v in plan.todo] == ["b.mp4", "c.mp4", "a.mp4"]
 
 
 def test_plan_refuses_other_detection_settings(tmp_path, make_cfg):

@@ -9,6 +9,7 @@ import pytest
 from job.discover import Video
 from job.errors import WorkersCannotStartError
 from job.pool import ActorDied, ActorPool, CallFailed
+from job.segments import Split
 from job.write import VideoStatus
 
 
@@ -23,10 +24,10 @@ class FakeBackend:
         self.log: list[tuple[str, int, str]] = []  # (video_id, attempt, actor)
         self.killed: set[str] = set()
 
-    def submit(self, actor, video, attempt):
+    def submit(self, actor, task, attempt):
         ref = next(self.ids)
-        self.calls[ref] = ("process", actor, video, attempt)
-        self.log.append((video.video_id, attempt, actor))
+        self.calls[ref] = ("process", actor, task, attempt)
+        self.log.append((task.key, attempt, actor))
         return ref
 
     def ping(self, actor):
@@ -36,8 +37,8 @@ class FakeBackend:
 
     def wait(self, refs, timeout):
         def hung(ref):
-            kind, actor, video, attempt = self.calls[ref]
-            return kind == "process" and self.script.get((video.video_id, attempt)) == "hang" and actor not in self.killed
+            kind, actor, task, attempt = self.calls[ref]
+            return kind == "process" and self.script.get((task.key, attempt)) == "hang" and actor not in self.killed
 
         return sorted(ref for ref in refs if not hung(ref))[:1]
 
@@ -48,12 +49,12 @@ class FakeBackend:
         self.killed.add(actor)
 
     def result(self, ref):
-        kind, actor, video, attempt = self.calls.pop(ref)
+        kind, actor, task, attempt = self.calls.pop(ref)
         if kind == "ping":
             if not self.restarts:
                 raise ActorDied("still dead")
             return "cpu"
-        outcome = self.script.get((video.video_id, attempt))
+        outcome = self.script.get((task.key, attempt))
         if actor in self.killed:
             self.killed.discard(actor)
             raise ActorDied("killed")
@@ -61,8 +62,12 @@ class FakeBackend:
             raise ActorDied("worker killed")
         if outcome == "bug":
             raise CallFailed("ZeroDivisionError: oops")
-        return VideoStatus(video_id=video.video_id, path=video.relative_path, status="ok", attempts=attempt,
-                           worker=actor)
+        if isinstance(outcome, Split):
+            return outcome
+        frames = task.end - task.start if task.is_segment else 10
+        return VideoStatus(video_id=task.video.video_id, path=task.video.relative_path, status="ok", attempts=attempt,
+                           worker=actor, frame_count=frames, frames_processed=frames, detections=2 * frames,
+                           segment_start=task.start)
 
 
 def videos(n):
@@ -130,3 +135,25 @@ def test_a_video_that_hangs_every_time_is_given_up_saying_why():
     assert statuses["v0-000"].status == "failed"
     assert "no progress for ray.stall_timeout_s=0.05 s" in statuses["v0-000"].error
     assert statuses["v1-000"].status == "ok"
+
+
+def test_a_split_video_is_spread_over_every_actor_and_gets_one_merged_row():
+    todo = videos(2)
+    split = Split(todo[0], (0, 100, 200, 300, 350))
+    backend, recorded = FakeBackend({("v0-000", 1): split}), []
+    statuses = run(ActorPool(["a", "b"], backend, 3, recorded.append), todo)
+    merged = statuses["v0-000"]
+    assert (merged.status, merged.frame_count, merged.detections) == ("ok", 350, 700)
+    assert recorded == [merged]  # the driver records a split video's row; workers record the rest
+    segment_actors = {actor for key, _, actor in backend.log if key.startswith("v0-000@")}
+    assert len([key for key, _, _ in backend.log if key.startswith("v0-000@")]) == 4 and segment_actors == {"a", "b"}
+
+
+def test_a_segment_whose_actor_dies_is_retried_and_one_given_up_leaves_the_video_partial():
+    todo = videos(1)
+    split = Split(todo[0], (0, 100, 200))
+    script = {("v0-000", 1): split, ("v0-000@100", 1): "die", ("v0-000@0", 1): "die", ("v0-000@0", 2): "die"}
+    statuses = run(ActorPool(["a", "b"], FakeBackend(script), 2, lambda status: None), todo)
+    video = statuses["v0-000"]
+    assert video.status == "partial" and video.frame_count == 100  # segment 100 retried; segment 0 given up
+    assert "segment from frame 0" in video.error and "died on this video 2 times" in video.error

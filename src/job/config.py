@@ -80,6 +80,10 @@ class RayConfig:
     num_cpus: int | None = None
     # How many actor deaths one video may cause before it is recorded as failed.
     max_video_attempts: int = 3
+    # A video longer than this many frames is cut at keyframes into segments of about this many,
+    # which any actor can take (results identical to one actor's). About a minute at 30 fps; null:
+    # never split.
+    segment_frames: Optional[int] = 1800  # noqa: UP045
     # A worker that reports no progress on a video for this long (per frame batch; fetching a remote
     # video counts too) is killed and the video retried like a crash. null: never.
     stall_timeout_s: Optional[float] = 300.0  # noqa: UP045
@@ -272,6 +276,8 @@ def validate(cfg: JobConfig) -> None:
         problems.append("ray.gpus_per_actor must be > 0 (fractions such as 0.5 share a GPU)")
     if cfg.ray.stall_timeout_s is not None and cfg.ray.stall_timeout_s <= 0:
         problems.append("ray.stall_timeout_s must be > 0 or null")
+    if cfg.ray.segment_frames is not None and cfg.ray.segment_frames < 1:
+        problems.append(f"ray.segment_frames must be >= 1 or null, got {cfg.ray.segment_frames}")
     if cfg.ray.max_video_attempts < 1:
         problems.append("ray.max_video_attempts must be >= 1")
     if cfg.tracker.name is not None and cfg.tracker.name not in TRACKERS:

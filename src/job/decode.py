@@ -44,6 +44,7 @@ class VideoInfo:
     pts_s: np.ndarray | None  # presentation time of each shown frame in display order, first frame at 0
     frame_pts: np.ndarray | None = None  # the same in the stream's time base, as the decoder stamps frames
     hidden_frames: int = 0  # frames an edit list hides (the lead-in of a cut made without re-encoding)
+    keyframe_pts: np.ndarray | None = None  # stream time base, ascending: where decoding can start
 
 
 @dataclass
@@ -87,10 +88,19 @@ def probe(path: str) -> VideoInfo:
         rotation = _quarter_turns(first.rotation) * 90
         coded_w, coded_h = first.width, first.height
     width, height = (coded_h, coded_w) if rotation % 180 else (coded_w, coded_h)
-    frame_pts, hidden = _presentation_stamps(path)
+    frame_pts, hidden, keyframe_pts = _presentation_stamps(path)
     pts_s = None if frame_pts is None else (frame_pts - frame_pts[0]).astype(np.float64) * float(time_base)
     container_frames = listed_frames - hidden if listed_frames else None
-    return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, pts_s, frame_pts, hidden)
+    return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, pts_s, frame_pts, hidden,
+                     keyframe_pts)
+
+
+def keyframe_indices(info: VideoInfo) -> np.ndarray | None:
+    """Display-order indices of the frames decoding can start at; None where frames cannot be told
+    apart by their PTS (then a video is only ever decoded from its start)."""
+    if info.frame_pts is None or info.keyframe_pts is None or not _stamps_unique(info.frame_pts):
+        return None
+    return np.searchsorted(info.frame_pts, info.keyframe_pts)
 
 
 def iter_batches(
@@ -103,20 +113,23 @@ def iter_batches(
     progress: DecodeProgress | None = None,
     window_frames: int | None = None,
     threads: int = 1,
+    end_frame: int | None = None,
 ) -> Iterator[FrameBatch]:
-    """Yields batches of the frames to detect on (index % frame_stride == 0, index >= start_frame).
+    """Yields batches of the frames to detect on (index % frame_stride == 0, start_frame <= index < end_frame).
 
-    `progress` (if given) ends up with the number of decodable frames and what damage was met on
-    the way. `window_frames` overrides how many frames decord decodes per reader (see
-    `_decord_frames`); `threads` is how many the decoder may use.
+    `progress` (if given) ends up with the number of decodable frames (those before start_frame
+    counted as decodable when decoding seeks past them) and what damage was met on the way.
+    `window_frames` overrides how many frames decord decodes per reader (see `_decord_frames`);
+    `threads` is how many the decoder may use. A range that ends before the video does (a segment)
+    is decoded with PyAV.
     """
     progress = progress if progress is not None else DecodeProgress()
 
     def wanted(index: int) -> bool:
         return index >= start_frame and index % frame_stride == 0
 
-    if decoder == "pyav" or not _decord_reads_right(info):
-        frames = _pyav_frames(path, info, wanted, progress, threads)
+    if decoder == "pyav" or not _decord_reads_right(info) or end_frame is not None:
+        frames = _pyav_frames(path, info, wanted, progress, threads, start_frame, end_frame)
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
         frames = _decord_then_pyav(path, info, wanted, start_frame, window, progress, threads)
@@ -200,7 +213,7 @@ def _decord_then_pyav(
     handover = progress.frames_decoded if handover is None else handover
     progress.stopped = False
     rest = DecodeProgress()
-    yield from _pyav_frames(path, info, lambda i: i >= handover and wanted(i), rest, threads)
+    yield from _pyav_frames(path, info, lambda i: i >= handover and wanted(i), rest, threads, 0, None)
     progress.frames_decoded, progress.problems = rest.frames_decoded, rest.problems
 
 
@@ -254,30 +267,49 @@ def _decord_frames(
 
 
 def _pyav_frames(
-    path: str, info: VideoInfo, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int
+    path: str, info: VideoInfo, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int,
+    start: int = 0, end: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Frames in display order, each with its index among the shown frames, at the displayed size.
 
     Packets are decoded one by one so that a damaged one costs its own frames, not the rest of the
     video (as with ffmpeg); frames are numbered by their PTS among the stream's packets, so the
     frames after a gap keep their true index. A stream whose resolution changes midway is scaled
-    to its first size.
+    to its first size. Where frames can be numbered by PTS, decoding seeks to the keyframe before
+    `start`; it stops at the first frame from `end` on.
     """
     turns = _quarter_turns(info.rotation)
     width, height = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
     number = _FrameNumbering(info.frame_pts)
+    keyframes = keyframe_indices(info)
+    seek_to = None
+    if start > 0 and keyframes is not None and keyframes.size and keyframes.min() <= start:
+        seek_to = int(info.frame_pts[keyframes[keyframes <= start].max()])
     # One reformatter for the whole stream keeps its swscale context; frame.to_ndarray() builds a
     # new one per frame (measured 3-4x slower at 640x272). One conversion thread: PyAV 17+ otherwise
     # starts one per CPU, which measured slower here; the decoder has its own threads.
     to_rgb = VideoReformatter()
-    progress.frames_decoded = 0
+    progress.frames_decoded = start if seek_to is not None else 0
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.thread_count = threads
+        first_after_seek = seek_to is not None
+        if seek_to is not None:
+            container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+            number.resync()
         for frames in _decoded_per_packet(container, stream, progress):
             for frame in frames:
                 index = number(frame.pts)
+                if first_after_seek and index > start:  # the container seeked past `start` (inexact seeking)
+                    container.close()
+                    yield from _pyav_frames(path, _without_keyframes(info), wanted, progress, threads, start, end)
+                    return
+                first_after_seek = False
+                if end is not None and index >= end:
+                    return  # the decoder hands frames out in display order: every frame before `end` is out
+                if seek_to is not None and index < start:
+                    continue  # decoded from the keyframe only to reach `start`
                 progress.frames_decoded += 1
                 if not wanted(index):
                     continue
@@ -286,6 +318,12 @@ def _pyav_frames(
     if number.skipped:
         progress.problems.insert(0, f"{number.skipped} frames could not be decoded (damaged data), the other "
                                     f"{progress.frames_decoded} were")
+
+
+def _without_keyframes(info: VideoInfo) -> VideoInfo:
+    import dataclasses
+
+    return dataclasses.replace(info, keyframe_pts=None)
 
 
 def _decoded_per_packet(container, stream, progress: DecodeProgress) -> Iterator[list]:
@@ -320,6 +358,11 @@ class _FrameNumbering:
         self.frame_pts = frame_pts if _stamps_unique(frame_pts) else None
         self.next = 0
         self.skipped = 0
+        self.resynced = False
+
+    def resync(self) -> None:
+        """After a seek: the next frame is numbered by its PTS alone, and the frames before it are not gaps."""
+        self.next, self.resynced = 0, True
 
     def __call__(self, pts: int | None) -> int:
         index = self.next
@@ -327,18 +370,22 @@ class _FrameNumbering:
             found = int(np.searchsorted(self.frame_pts, pts))
             if found < len(self.frame_pts) and self.frame_pts[found] == pts and found >= self.next:
                 index = found
-        self.skipped += index - self.next
+        if not self.resynced:
+            self.skipped += index - self.next
+        self.resynced = False
         self.next = index + 1
         return index
 
 
-def _presentation_stamps(path: str) -> tuple[np.ndarray | None, int]:
-    """The shown video packets' PTS in display order, and how many packets an edit list hides.
+def _presentation_stamps(path: str) -> tuple[np.ndarray | None, int, np.ndarray | None]:
+    """The shown video packets' PTS in display order, how many packets an edit list hides, and the
+    keyframes' PTS.
 
     Demuxing only, no decoding. Packets flagged discard (the lead-in before an edit list's start,
     which `ffmpeg -ss ... -c copy` leaves in the file) are never shown, so they are not frames.
     """
     stamps: list[int] = []
+    keyframes: list[int] = []
     hidden = 0
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -351,13 +398,15 @@ def _presentation_stamps(path: str) -> tuple[np.ndarray | None, int]:
                     continue
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if stamp is None:
-                    return None, hidden
+                    return None, hidden, None
                 stamps.append(stamp)
+                if packet.is_keyframe:
+                    keyframes.append(stamp)
         except av.error.FFmpegError:
             pass  # damaged tail: the decoder reports it; keep the stamps read so far
     if not stamps:
-        return None, hidden
-    return np.sort(np.asarray(stamps, dtype=np.int64)), hidden
+        return None, hidden, None
+    return np.sort(np.asarray(stamps, dtype=np.int64)), hidden, np.sort(np.asarray(keyframes, dtype=np.int64))
 
 
 def _fps(stream) -> float | None:
@@ -382,5 +431,5 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
+    "keyframe_indices", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
 ]

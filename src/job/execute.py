@@ -1,7 +1,7 @@
 """Ray: the runtime, the actors that hold a model, and the pool's Ray backend. The only module that imports Ray.
 
-Each actor loads the model once and processes whole videos; the pool hands a video to whichever
-actor is free, so long and short videos balance out.
+Each actor loads the model once and processes whole videos or segments of long ones; the pool
+hands each to whichever actor is free, so long and short videos balance out.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
 from job.plan import actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
+from job.segments import Split, Task
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -153,13 +154,15 @@ class VideoWorker:
     def device(self) -> str:
         return str(self.detector.device)
 
-    def process(self, video: Video, attempts: int) -> VideoStatus:
-        from job.process import process_video
+    def process(self, task: Task, attempts: int) -> VideoStatus | Split:
+        from job.process import process_segment, process_video
 
-        report = BatchedProgress(self.progress, video_id=video.video_id)
-        report.flush(heartbeat=True)  # the video has started: its stall clock starts now
+        report = BatchedProgress(self.progress, video_id=task.key)
+        report.flush(heartbeat=True)  # the task has started: its stall clock starts now
         try:
-            return process_video(video, self.settings, self.output, self.detector, report, attempts)
+            if task.is_segment:
+                return process_segment(task, self.settings, self.output, self.detector, report, attempts)
+            return process_video(task.video, self.settings, self.output, self.detector, report, attempts)
         finally:
             report.flush()
 
@@ -189,8 +192,8 @@ class BatchedProgress:
 class RayBackend:
     """`pool.Backend` over Ray actor calls: Ray's errors become the pool's two kinds of failure."""
 
-    def submit(self, actor: Any, video: Video, attempt: int) -> ray.ObjectRef:
-        return actor.process.remote(video, attempt)
+    def submit(self, actor: Any, task: Task, attempt: int) -> ray.ObjectRef:
+        return actor.process.remote(task, attempt)
 
     def ping(self, actor: Any) -> ray.ObjectRef:
         return actor.device.remote()

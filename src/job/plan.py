@@ -79,6 +79,7 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
     if missing:
         log.warning("%d videos with results here are no longer in video_dir: kept as status=missing "
                     "(prune=true removes them)", len(missing))
+    todo.sort(key=_size, reverse=True)  # longest first (by size), so a batch does not end on one long video
     settings = detection_settings(cfg)
     if todo:
         from job.models import resolve  # imports torch: only when there is something to detect
@@ -107,6 +108,16 @@ def frames_to_detect(videos: list[Video], frame_stride: int, output: OutputDir) 
             continue
         total += math.ceil(frames / frame_stride)
     return total
+
+
+def _size(video: Video) -> int:
+    """Bytes of a local video (0 for URIs and unreadable files: they go last)."""
+    if is_uri(video.path):
+        return 0
+    try:
+        return os.path.getsize(video.path)
+    except OSError:
+        return 0
 
 
 def _changed(video: Video, previous: VideoStatus) -> bool:

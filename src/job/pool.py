@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from job.discover import Video
 from job.errors import WorkersCannotStartError
+from job.segments import Split, Task, merge
 from job.write import VideoStatus
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,12 @@ class CallFailed(Exception):
 
 
 class Backend(Protocol):
-    def submit(self, actor: Any, video: Video, attempt: int) -> Ref: ...
+    def submit(self, actor: Any, task: Task, attempt: int) -> Ref:
+        """Start `task` on `actor`; its result is a VideoStatus, or a Split for a long whole video."""
     def ping(self, actor: Any) -> Ref: ...
     def wait(self, refs: list[Ref], timeout: float) -> list[Ref]: ...
     def progress_ages(self) -> dict[str, float]:
-        """Seconds since each video's worker last reported progress."""
+        """Seconds since each task's worker last reported progress, by `Task.key`."""
     def kill(self, actor: Any) -> None:
         """Kill a (hung) actor so that its call fails as ActorDied and the actor restarts."""
     def result(self, ref: Ref) -> Any:
@@ -41,11 +43,14 @@ class Backend(Protocol):
 
 
 class ActorPool:
-    """Hands each video to a free actor; a video whose actor died goes back in the queue.
+    """Hands each task (a video, or a segment of a long one) to a free actor; a task whose actor died
+    goes back in the queue.
 
-    An actor that died is pinged until it answers again (Ray restarts it) and then takes work again;
-    one that has not answered after `max_pings` pings is dropped. A video that killed its actor
-    `max_attempts` times is given up as failed, and `record`ed (workers record the others).
+    A long video comes back from its first actor as a `Split`: its segments go to the front of the
+    queue, so every free actor takes one, and its row is the merge of theirs, `record`ed when the last
+    is done. An actor that died is pinged until it answers again (Ray restarts it) and then takes work
+    again; one that has not answered after `max_pings` pings is dropped. A task that killed its actor
+    `max_attempts` times is given up as failed (a video's row is `record`ed; workers record the others).
     """
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
@@ -57,15 +62,16 @@ class ActorPool:
         self.killed: set[Ref] = set()
         self.max_pings, self.ping_interval_s = max_pings, ping_interval_s
         self.idle = list(actors)
-        self.running: dict[Ref, tuple[Video, Any]] = {}
+        self.running: dict[Ref, tuple[Task, Any]] = {}
         self.recovering: dict[Ref, tuple[Any, int]] = {}  # health-check ref -> (actor being restarted, pings)
         self.attempts: dict[str, int] = {}
-        self.queue: list[Video] = []
+        self.queue: list[Task] = []  # popped from the end
+        self.segments: dict[str, tuple[int, list[VideoStatus]]] = {}  # video_id -> (segments, those done)
 
     def run(self, videos: list[Video], tick: Callable[[], None] = lambda: None,
             poll_s: float = 1.0) -> Iterator[VideoStatus]:
         """Yields each video's final status as it completes; `tick` runs at least every `poll_s`."""
-        self.queue = list(reversed(videos))
+        self.queue = [Task(video) for video in reversed(videos)]
         while self.queue or self.running:
             self._dispatch()
             for ref in self.backend.wait([*self.running, *self.recovering], poll_s):
@@ -82,10 +88,10 @@ class ActorPool:
 
     def _dispatch(self) -> None:
         while self.queue and self.idle:
-            video, actor = self.queue.pop(), self.idle.pop()
-            self.attempts[video.video_id] = self.attempts.get(video.video_id, 0) + 1
-            ref = self.backend.submit(actor, video, self.attempts[video.video_id])
-            self.running[ref] = (video, actor)
+            task, actor = self.queue.pop(), self.idle.pop()
+            self.attempts[task.key] = self.attempts.get(task.key, 0) + 1
+            ref = self.backend.submit(actor, task, self.attempts[task.key])
+            self.running[ref] = (task, actor)
             self.started_at[ref] = time.monotonic()
 
     def _recovered(self, ref: Ref) -> None:
@@ -108,42 +114,63 @@ class ActorPool:
             return
         ages = self.backend.progress_ages()
         now = time.monotonic()
-        for ref, (video, actor) in self.running.items():
-            age = min(ages.get(video.video_id, float("inf")), now - self.started_at[ref])
+        for ref, (task, actor) in self.running.items():
+            age = min(ages.get(task.key, float("inf")), now - self.started_at[ref])
             if age > self.stall_timeout_s and ref not in self.killed:
                 log.warning("%s: no progress for %.0f s (ray.stall_timeout_s=%g): killing its worker and "
-                            "retrying the video", video.relative_path, age, self.stall_timeout_s)
+                            "retrying it", task.describe(), age, self.stall_timeout_s)
                 self.killed.add(ref)
                 self.backend.kill(actor)
 
     def _completed(self, ref: Ref) -> VideoStatus | None:
-        video, actor = self.running.pop(ref)
+        task, actor = self.running.pop(ref)
         self.started_at.pop(ref, None)
         stalled = ref in self.killed
         self.killed.discard(ref)
-        tries = self.attempts[video.video_id]
+        tries = self.attempts[task.key]
         try:
-            status = self.backend.result(ref)
+            result = self.backend.result(ref)
         except CallFailed as exc:
             self.idle.append(actor)  # the actor is fine: record the video as failed and go on
-            return self._give_up(video, tries, f"internal error: {exc}")
+            return self._give_up(task, tries, f"internal error: {exc}")
         except ActorDied as exc:
             cause = str(exc)
             if stalled:
                 cause = f"it made no progress for ray.stall_timeout_s={self.stall_timeout_s:g} s (a hung read or decoder)"
             self.recovering[self.backend.ping(actor)] = (actor, 1)
             if tries < self.max_attempts:
-                log.warning("worker died on %s (attempt %d), retrying: %s", video.relative_path, tries, cause)
-                self.queue.append(video)
+                log.warning("worker died on %s (attempt %d), retrying: %s", task.describe(), tries, cause)
+                self.queue.append(task)
                 return None
-            return self._give_up(video, tries, (
+            return self._give_up(task, tries, (
                 f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
                 f"the decoder); last: {cause}"))
         self.idle.append(actor)
-        return status
+        if isinstance(result, Split):
+            segments = result.tasks()
+            log.info("%s: split into %d segments", task.describe(), len(segments))
+            self.segments[task.video.video_id] = (len(segments), [])
+            self.queue.extend(reversed(segments))  # next out of the queue, so every free actor takes one
+            return None
+        return self._done(task, result)
 
-    def _give_up(self, video: Video, tries: int, reason: str) -> VideoStatus:
-        status = VideoStatus(video_id=video.video_id, path=video.relative_path, error=reason, attempts=tries,
-                             retryable=True)
+    def _done(self, task: Task, status: VideoStatus) -> VideoStatus | None:
+        """A video's final status: the task's own, or, after a split video's last segment, their merge."""
+        if not task.is_segment:
+            return status
+        expected, done = self.segments[task.video.video_id]
+        done.append(status)
+        if len(done) < expected:
+            return None
+        del self.segments[task.video.video_id]
+        merged = merge(task.video, done)
+        self.record(merged)
+        return merged
+
+    def _give_up(self, task: Task, tries: int, reason: str) -> VideoStatus | None:
+        status = VideoStatus(video_id=task.video.video_id, path=task.video.relative_path, error=reason,
+                             attempts=tries, retryable=True, segment_start=task.start)
+        if task.is_segment:
+            return self._done(task, status)
         self.record(status)
         return status

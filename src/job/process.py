@@ -23,10 +23,19 @@ import numpy as np
 import torch
 
 from job.config import JobConfig, OutputConfig
-from job.decode import DecodeProgress, FrameBatch, VideoError, VideoInfo, iter_batches, probe
+from job.decode import (
+    DecodeProgress,
+    FrameBatch,
+    VideoError,
+    VideoInfo,
+    iter_batches,
+    keyframe_indices,
+    probe,
+)
 from job.detect import Detector
 from job.discover import Video
 from job.errors import FetchError, OutputWriteError
+from job.segments import Split, Task, cut_points
 from job.storage import fingerprint, local_copy
 from job.write import OutputDir, VideoStatus, detections_frame
 
@@ -38,27 +47,47 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
-                  on_progress: ProgressCallback | None = None, attempts: int = 1) -> VideoStatus:
-    """Runs one video to its final status, committing detections as it goes.
+                  on_progress: ProgressCallback | None = None, attempts: int = 1) -> VideoStatus | Split:
+    """Runs one video to its final status, committing detections as it goes; or, for a video longer
+    than `ray.segment_frames` (or one split before), answers how to split it (nothing processed).
 
     `settings` must be resolved for the detector's device (`config.for_device`).
     Never raises for a bad video: the reason goes into the status's `error`.
     """
+    return _process(Task(video), settings, output, detector, on_progress, attempts)
+
+
+def process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
+                    on_progress: ProgressCallback | None = None, attempts: int = 1) -> VideoStatus:
+    """Runs the frames [task.start, task.end) of a split video, resuming after its committed parts;
+    its status is recorded as the segment's (the driver merges a video's segments into its row)."""
+    done = output.read_segment_status(task.video.video_id, task.start)
+    if done is not None:  # finished by an earlier run
+        done.frames_this_run = 0
+        return done
+    result = _process(task, settings, output, detector, on_progress, attempts)
+    assert isinstance(result, VideoStatus)
+    return result
+
+
+def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
+             on_progress: ProgressCallback | None, attempts: int) -> VideoStatus | Split:
+    video = task.video
     try:
         content = fingerprint(video.path)
     except OSError:
         content = None  # unreadable: probe says why
     try:
         with local_copy(video.path) as path:
-            return _process_local(video, path, settings, output, detector, content, on_progress, attempts)
+            return _process_local(task, path, settings, output, detector, content, on_progress, attempts)
     except FetchError as exc:  # the object store would not give us the video
-        status = _new_status(video, detector, attempts)
+        status = _new_status(task, detector, attempts)
         status.error, status.retryable = f"cannot fetch the video: {exc}", True
-        return _finish(output, status, time.monotonic())
+        return _finish(output, status, time.monotonic(), task)
 
 
 def _process_local(
-    video: Video,
+    task: Task,
     path: str,
     settings: JobConfig,
     output: OutputDir,
@@ -66,29 +95,39 @@ def _process_local(
     content: str | None,
     on_progress: ProgressCallback | None = None,
     attempts: int = 1,
-) -> VideoStatus:
+) -> VideoStatus | Split:
+    video = task.video
     on_progress = on_progress or (lambda done, expected: None)
     stride = settings.frame_stride
     started = time.monotonic()
-    status = _new_status(video, detector, attempts)
+    status = _new_status(task, detector, attempts)
     status.fingerprint = content
     try:
         info = probe(path)
     except VideoError as exc:
         status.error = str(exc)
-        return _finish(output, status, started)
+        return _finish(output, status, started, task)
     status.width, status.height, status.fps = info.width, info.height, info.fps
     status.duration_s, status.codec, status.rotation = info.duration_s, info.codec, info.rotation
 
-    start = output.resume_point(video.video_id, content, video.relative_path)
-    expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
-    on_progress(0, max(0, math.ceil(expected / stride) - math.ceil(start / stride)))
-    committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names)
+    if task.is_segment:
+        first, start = task.start, output.committed_end(video.video_id, task.start, task.end)
+        expected = task.end - task.start
+    else:
+        first, start = 0, output.resume_point(video.video_id, content, video.relative_path)
+        split = _split(video, info, settings, output, start)
+        if split is not None:
+            return split
+        expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
+    already = _wanted_before(start, stride) - _wanted_before(first, stride)  # frames committed by an earlier run
+    on_progress(0, max(0, _wanted_before(first + expected, stride) - _wanted_before(first, stride) - already))
+    committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names,
+                               first, task.end)
     progress = DecodeProgress()
     failure = None
     try:
         batches = iter_batches(path, info, settings.batch_size, stride, start, settings.decoder.value, progress,
-                               threads=torch.get_num_threads())
+                               threads=torch.get_num_threads(), end_frame=task.end)
         for batch in prefetch(batches, settings.prefetch_batches):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
@@ -98,29 +137,58 @@ def _process_local(
     except VideoError as exc:
         failure = str(exc)
     except Exception as exc:  # a bug or a resource error: record it, keep what was committed
-        log.exception("video %s failed while processing", video.relative_path)
+        log.exception("%s failed while processing", task.describe())
         failure = f"{type(exc).__name__}: {exc}"
         status.retryable = True
 
-    frame_count = progress.frames_decoded
+    frame_count = progress.frames_decoded - first
     status.frame_count = frame_count
     status.frames_processed = committer.frames_processed
-    status.frames_this_run = committer.frames_processed - math.ceil(start / stride)
+    status.frames_this_run = committer.frames_processed - already
     status.detections = committer.detections
-    damage = failure or progress.damage or _missing_frames(info, frame_count)
+    if task.is_segment:
+        missing = None if frame_count >= expected else (
+            f"only {frame_count} of its {expected} frames could be decoded (damaged data)")
+    else:
+        missing = _missing_frames(info, frame_count)
+    damage = failure or progress.damage or missing
     if damage is None:
         status.status = "ok"
     else:
-        status.status = "partial" if committer.end > 0 else "failed"
+        status.status = "partial" if committer.end > first else "failed"
         status.error = damage
         if frame_count == 0 and failure is None:
             status.error = f"no frame could be decoded ({info.codec}): {damage}"
-    return _finish(output, status, started)
+    return _finish(output, status, started, task)
 
 
-def _new_status(video: Video, detector: Detector, attempts: int) -> VideoStatus:
-    return VideoStatus(video_id=video.video_id, path=video.relative_path, attempts=attempts,
-                       worker=f"{socket.gethostname()}:{os.getpid()}", device=str(detector.device))
+def _split(video: Video, info: VideoInfo, settings: JobConfig, output: OutputDir, start: int) -> Split | None:
+    """How to cut a long video (the cuts recorded by an earlier run win), or None to run it whole.
+
+    A video an earlier unsplit run has committed parts of is finished whole: new cuts could cross its parts.
+    """
+    recorded = output.recorded_split(video.video_id)
+    if recorded:
+        return Split(video, tuple(recorded))
+    keyframes = keyframe_indices(info)
+    if settings.ray.segment_frames is None or start > 0 or keyframes is None:
+        return None
+    bounds = cut_points(keyframes, len(info.frame_pts), settings.ray.segment_frames)
+    if len(bounds) <= 2:
+        return None
+    output.record_split(video.video_id, bounds)
+    return Split(video, tuple(bounds))
+
+
+def _wanted_before(index: int, stride: int) -> int:
+    """How many of the frames [0, index) are detected: 0, stride, 2 * stride, ..."""
+    return math.ceil(index / stride)
+
+
+def _new_status(task: Task, detector: Detector, attempts: int) -> VideoStatus:
+    return VideoStatus(video_id=task.video.video_id, path=task.video.relative_path, attempts=attempts,
+                       worker=f"{socket.gethostname()}:{os.getpid()}", device=str(detector.device),
+                       segment_start=task.start)
 
 
 def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
@@ -173,14 +241,14 @@ class _PartCommitter:
     """Groups batches into parts of about `commit_every_frames` decoded frames and commits them."""
 
     def __init__(self, output: OutputDir, video_id: str, start: int, frame_stride: int, settings: OutputConfig,
-                 class_names: list[str]):
+                 class_names: list[str], first: int = 0, last: int | None = None):
         self.output, self.video_id, self.class_names = output, video_id, class_names
         self.every = settings.commit_every_frames
         self.compression = settings.compression
-        self.end = start  # frames [0, end) are committed
-        self.frames_processed = math.ceil(start / frame_stride)
+        self.end = start  # frames [first, end) are committed (first: 0, or a segment's first frame)
+        self.frames_processed = _wanted_before(start, frame_stride) - _wanted_before(first, frame_stride)
         # Rows in committed parts: an earlier run's, read from their footers once, plus ours.
-        self.detections = output.count_detections(video_id) if start else 0
+        self.detections = output.count_detections(video_id, first, last) if start > first else 0
         # Indices, timestamps and detections only: holding the frames would cost a part's worth of pixels.
         self._pending: list[tuple[np.ndarray, np.ndarray, list]] = []
 
@@ -228,7 +296,10 @@ def _missing_frames(info: VideoInfo, frame_count: int) -> str | None:
     return None
 
 
-def _finish(output: OutputDir, status: VideoStatus, started: float) -> VideoStatus:
+def _finish(output: OutputDir, status: VideoStatus, started: float, task: Task) -> VideoStatus:
     status.seconds = round(time.monotonic() - started, 3)
-    output.write_status(status)
+    if task.is_segment:
+        output.write_segment_status(status)  # a split video's row is written when all its segments are done
+    else:
+        output.write_status(status)
     return status

@@ -10,6 +10,7 @@
       _state/videos/<id>.json                                 a video's final status (its commit record)
       _state/progress/<id>.json                               the content fingerprint a video's parts come from
       _state/tracks/<id>.json                                 what a video's tracks were made from
+      _state/segments/<id>/<start>.json                       a finished segment's status (a split video)
       _state/lease.json                                       the running job's lease (lease.py)
       _state/tmp/                                             local writes staged before their rename
 
@@ -90,6 +91,7 @@ class VideoStatus:
     retryable: bool = False
     frames_this_run: int = 0
     fingerprint: str | None = None  # storage.fingerprint of the content the detections came from
+    segment_start: int = 0  # a segment's status (segments.py): its first frame
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
@@ -164,21 +166,22 @@ class OutputDir:
             return []
         return sorted(name for name in entries if name != ".hydra_logs")
 
-    def committed_end(self, video_id: str) -> int:
-        """Frame index a rerun resumes at; removes temp files and parts outside the chain from 0."""
+    def committed_end(self, video_id: str, start: int = 0, end: int | None = None) -> int:
+        """Frame index a rerun resumes the frames [start, end) of `video_id` at: the end of the unbroken
+        chain of its parts from `start`. Parts in the range outside that chain are removed."""
         directory = partition(video_id)
         parts = []
         for name in self.store.names(directory):
             match = _PART.match(name)
-            if match:
+            if match and int(match.group(1)) >= start and (end is None or int(match.group(2)) <= end):
                 parts.append((int(match.group(1)), int(match.group(2)), name))
-        end = 0
-        for start, stop, name in sorted(parts):
-            if start == end:
-                end = stop
+        reached = start
+        for first, stop, name in sorted(parts):
+            if first == reached:
+                reached = stop
             else:
                 self.store.delete(f"{directory}/{name}")  # cannot happen with sequential commits; never keep a gap
-        return end
+        return reached
 
     def resume_point(self, video_id: str, fingerprint: str | None, path: str | None = None) -> int:
         """Where to resume `video_id` whose content now has `fingerprint`: after its committed parts, or at 0.
@@ -193,6 +196,7 @@ class OutputDir:
         if stored is not None:
             log.warning("%s changed since its detections were made: detecting it again", video_id)
             self.store.delete(f"{STATE}/videos/{video_id}.json")
+            self._remove_segment_records(video_id)
             for name in self.store.names(partition(video_id)):
                 self.store.delete(f"{partition(video_id)}/{name}")
         self.store.put(record, _json_bytes({"fingerprint": fingerprint, "path": path}))
@@ -225,7 +229,32 @@ class OutputDir:
         self.store.delete_dir(partition(video_id))
         self.store.delete(f"{STATE}/videos/{video_id}.json")
         self.store.delete(f"{STATE}/progress/{video_id}.json")
+        self._remove_segment_records(video_id)
         self.remove_tracks(video_id)
+
+    def recorded_split(self, video_id: str) -> list[int] | None:
+        """The segment bounds a split video's parts were cut at (recorded with its fingerprint)."""
+        stored = self.store.get(f"{STATE}/progress/{video_id}.json")
+        return json.loads(stored).get("split") if stored is not None else None
+
+    def record_split(self, video_id: str, bounds: list[int]) -> None:
+        """Recorded before any segment is processed, so a rerun cuts the video where its parts are."""
+        record = f"{STATE}/progress/{video_id}.json"
+        stored = self.store.get(record)
+        progress = json.loads(stored) if stored is not None else {}
+        self.store.put(record, _json_bytes({**progress, "split": bounds}))
+
+    def write_segment_status(self, status: VideoStatus) -> None:
+        self.store.put(f"{STATE}/segments/{status.video_id}/{status.segment_start}.json", status.to_json())
+
+    def read_segment_status(self, video_id: str, start: int) -> VideoStatus | None:
+        data = self.store.get(f"{STATE}/segments/{video_id}/{start}.json")
+        return VideoStatus.from_json(data) if data is not None else None
+
+    def _remove_segment_records(self, video_id: str) -> None:
+        for name in self.store.names(f"{STATE}/segments/{video_id}"):
+            self.store.delete(f"{STATE}/segments/{video_id}/{name}")
+        self.store.delete_dir(f"{STATE}/segments/{video_id}")
 
     def video_detections(self, video_id: str) -> pl.DataFrame:
         """One video's committed detections (all its parts), for tracking."""
@@ -282,10 +311,12 @@ class OutputDir:
         data = _parquet_bytes(rows, compression=compression, statistics=True)
         self.store.put(f"{partition(video_id)}/part-{start:010d}-{end:010d}.parquet", data)
 
-    def count_detections(self, video_id: str) -> int:
+    def count_detections(self, video_id: str, start: int = 0, end: int | None = None) -> int:
+        """Rows in the committed parts of `video_id` within the frames [start, end), read from their footers."""
         total = 0
         for name in self.store.names(partition(video_id)):
-            if _PART.match(name):
+            match = _PART.match(name)
+            if match and int(match.group(1)) >= start and (end is None or int(match.group(2)) <= end):
                 with self.store.open_input_file(f"{partition(video_id)}/{name}") as handle:
                     total += pq.ParquetFile(handle).metadata.num_rows
         return total

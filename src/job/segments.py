@@ -1,0 +1,79 @@
+"""Long videos cut at keyframes into segments that any actor can take; segments' outcomes merged into one row.
+
+A unit of work is a `Task`: a whole video, or the frames [start, end) of one. A whole-video task
+for a video longer than `ray.segment_frames` is cut on the worker that opens it (from the demuxed
+keyframes, `cut_points`) and comes back as a `Split`; the pool then queues its segments. Frame
+indices, timestamps and parts stay global, so a split video's output is the unsplit one's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from job.discover import Video
+from job.write import VideoStatus
+
+
+@dataclass(frozen=True)
+class Task:
+    video: Video
+    start: int = 0
+    end: int | None = None  # None: the whole video
+
+    @property
+    def is_segment(self) -> bool:
+        return self.end is not None
+
+    @property
+    def key(self) -> str:
+        """Names this unit of work for attempts and progress."""
+        return f"{self.video.video_id}@{self.start}" if self.is_segment else self.video.video_id
+
+    def describe(self) -> str:
+        return f"{self.video.relative_path} [frames {self.start}-{self.end - 1}]" if self.is_segment \
+            else self.video.relative_path
+
+
+@dataclass(frozen=True)
+class Split:
+    """A worker's answer for a long video: process it as these segments (cut points, then the frame count)."""
+
+    video: Video
+    bounds: tuple[int, ...]  # [0, cut1, cut2, ..., frames]
+
+    def tasks(self) -> list[Task]:
+        return [Task(self.video, start, end) for start, end in zip(self.bounds, self.bounds[1:], strict=False)]
+
+
+def cut_points(keyframes: np.ndarray, frames: int, segment_frames: int) -> list[int]:
+    """Segment bounds [0, ..., frames]: cuts at keyframes about `segment_frames` apart, none closer
+    than half of it to the end (a short tail joins the segment before it)."""
+    bounds = [0]
+    for keyframe in np.unique(keyframes):
+        if keyframe - bounds[-1] >= segment_frames and frames - keyframe >= segment_frames // 2:
+            bounds.append(int(keyframe))
+    return [*bounds, frames]
+
+
+def merge(video: Video, segments: list[VideoStatus]) -> VideoStatus:
+    """One row for a split video: counts summed over its segments, the first damage as its error."""
+    ordered = sorted(segments, key=lambda s: s.segment_start)
+    first = next((s for s in ordered if s.width is not None), ordered[0])
+    merged = dataclasses.replace(first, video_id=video.video_id, path=video.relative_path, segment_start=0)
+    merged.frame_count = sum(s.frame_count or 0 for s in ordered)
+    merged.frames_processed = sum(s.frames_processed for s in ordered)
+    merged.frames_this_run = sum(s.frames_this_run for s in ordered)
+    merged.detections = sum(s.detections for s in ordered)
+    merged.seconds = round(sum(s.seconds or 0.0 for s in ordered), 3)
+    merged.attempts = max(s.attempts for s in ordered)
+    merged.retryable = any(s.retryable for s in ordered)
+    damaged = [s for s in ordered if s.status != "ok"]
+    if not damaged:
+        merged.status, merged.error = "ok", None
+    else:
+        merged.status = "failed" if all(s.status == "failed" for s in ordered) else "partial"
+        merged.error = "; ".join(f"segment from frame {s.segment_start}: {s.error}" for s in damaged)
+    return merged
