@@ -38,7 +38,7 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
 
 def run_job(video_dir: Path, out: Path, weights: Path, stride: int) -> dict:
     command = [sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={out}", f"model.weights={weights}",
-               "score_threshold=0.25", f"frame_stride={stride}", "ray.num_actors=1", f"hydra.run.dir={out}/.hydra"]
+               "score_threshold=0.25", f"frame_stride={stride}", "ray.num_actors=1", f"hydra.run.dir={out}-hydra"]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(process.pid)

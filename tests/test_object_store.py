@@ -159,3 +159,33 @@ def test_the_report_of_an_s3_output_reads_the_videos_from_s3_and_writes_beside_t
     assert keys == {"report-run/report/index.html"} | {
         f"report-run/report/{video_id}/{name}" for video_id in with_detections
         for name in ("preview.mp4", "timeline.png", "sheet.jpg")}
+
+
+def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3, weights_path, tmp_path):
+    client, env, _ = s3
+    local = tmp_path / "long"
+    write_video(local / "long.mp4", 48, size=(320, 240), options={"g": "8"})
+    client.upload_file(str(local / "long.mp4"), BUCKET, "long/long.mp4")
+
+    def job(video_dir, out, *extra):
+        done = subprocess.run([sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={out}",
+                               f"model.weights={weights_path}", f"score_threshold={THRESHOLD}", "device=cpu",
+                               "ray.num_cpus=2", *SETTINGS, *extra], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, **env}, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    job(f"s3://{BUCKET}/long", f"s3://{BUCKET}/long-out", "ray.num_actors=2", "ray.cpus_per_actor=1",
+        "ray.segment_frames=16")
+    job(local, tmp_path / "unsplit", "ray.segment_frames=null")
+    segments = client.list_objects_v2(Bucket=BUCKET, Prefix="long-out/_state/segments/")["Contents"]
+    assert len(segments) == 3  # cut at keyframes 16 and 32
+    parts = [pl.read_parquet(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+             for key in part_keys(client, "long-out")]
+    ours = pl.concat(parts).sort("frame_index", "class_id", "x1")
+    theirs = write.scan_predictions(str(tmp_path / "unsplit")).collect().drop("video_id").sort(
+        "frame_index", "class_id", "x1")
+    assert ours.select("frame_index", "class_id").equals(theirs.select("frame_index", "class_id"))
+    for column in ("timestamp_s", "score", "x1", "y1", "x2", "y2"):
+        assert (ours[column] - theirs[column]).abs().max() < 1e-3, column
+    row = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="long-out/videos.parquet")["Body"].read())
+    assert row.select("status", "frame_count", "detections").row(0) == ("ok", 48, theirs.height)

@@ -25,7 +25,7 @@ def plan_of(cfg, output):
 
 
 def layout(resources, device=Device.auto, videos=100, **ray):
-    return actor_layout(RayConfig(cpus_per_actor=2, **ray), device, resources, videos)
+    return actor_layout(RayConfig(**{"cpus_per_actor": 2, **ray}), device, resources, videos)
 
 
 def test_actor_layout_follows_declared_resources():
@@ -35,6 +35,11 @@ def test_actor_layout_follows_declared_resources():
     assert layout({"CPU": 16.0, "GPU": 4.0}, Device.cpu) == ActorLayout(8, 2, 0.0)
     assert layout({"CPU": 2.0}) == ActorLayout(1, 2, 0.0)
     assert layout({"CPU": 16.0}, videos=3) == ActorLayout(3, 2, 0.0)  # no idle actors for a short list
+    # The defaults: 2 CPUs per GPU actor; on CPUs only, one actor per CPU, or fewer sharing them all.
+    assert layout({"CPU": 16.0, "GPU": 4.0}, cpus_per_actor=None) == ActorLayout(4, 2.0, 1.0)
+    assert layout({"CPU": 2.0}, cpus_per_actor=None) == ActorLayout(2, 1.0, 0.0)
+    assert layout({"CPU": 8.0}, videos=3, cpus_per_actor=None) == ActorLayout(3, 8 / 3, 0.0)
+    assert layout({"CPU": 2.0}, videos=1, cpus_per_actor=None) == ActorLayout(1, 2.0, 0.0)
     with pytest.raises(ConfigError, match="no GPUs"):
         layout({"CPU": 8.0}, Device.cuda)
     with pytest.raises(ConfigError, match="more than the cluster's 2 GPUs"):
@@ -147,9 +152,12 @@ def test_one_writer_per_output_dir(tmp_path, make_cfg, caplog):
         plan_of(cfg, OutputDir(cfg.output_dir))
 
 
-def test_the_frame_total_is_known_up_front_where_containers_record_it(tmp_path, make_cfg):
-    from job.plan import frames_to_detect
+def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containers_record_them(tmp_path, make_cfg):
+    from job.plan import estimate_work
     from job.write import detections_frame
+
+    def frames_to_detect(videos, stride, output):
+        return estimate_work(videos, stride, None, output).frames
 
     write_video(tmp_path / "in" / "a.mp4", 10, size=(64, 48))
     write_video(tmp_path / "in" / "b.mp4", 7, size=(64, 48))
@@ -162,3 +170,6 @@ def test_the_frame_total_is_known_up_front_where_containers_record_it(tmp_path, 
     started = next(v for v in plan.videos if v.relative_path == "a.mp4")
     output.commit_part(started.video_id, 0, 4, detections_frame([], [], [], [], [], []), "zstd")
     assert frames_to_detect(plan.todo, 1, output) == 7  # a resumed video's remainder comes from its worker
+    # Units: each video one, and a long one its segments (b: 7 frames in segments of 3 = two units).
+    assert estimate_work(plan.todo, 1, 3, output).units == 3 + 1
+    assert estimate_work(plan.todo, 1, None, output).units == 3

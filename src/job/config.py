@@ -74,7 +74,9 @@ class RayConfig:
     address: str | None = None
     # null: one actor per GPU share when the cluster has GPUs, else one per cpus_per_actor CPUs.
     num_actors: int | None = None
-    cpus_per_actor: float = 2.0
+    # null: 2 per GPU actor (for decoding); on CPUs only, one actor per CPU (fewer, sharing every
+    # CPU, when there are fewer videos and segments than CPUs).
+    cpus_per_actor: Optional[float] = None  # noqa: UP045
     gpus_per_actor: float = 1.0
     # CPUs for an embedded local Ray (null: all of this machine's).
     num_cpus: int | None = None
@@ -270,7 +272,7 @@ def validate(cfg: JobConfig) -> None:
         problems.append("output.commit_every_frames must be >= 1")
     if cfg.ray.num_actors is not None and cfg.ray.num_actors < 1:
         problems.append(f"ray.num_actors must be >= 1 or null, got {cfg.ray.num_actors}")
-    if cfg.ray.cpus_per_actor <= 0:
+    if cfg.ray.cpus_per_actor is not None and cfg.ray.cpus_per_actor <= 0:
         problems.append("ray.cpus_per_actor must be > 0")
     if not 0 < cfg.ray.gpus_per_actor:
         problems.append("ray.gpus_per_actor must be > 0 (fractions such as 0.5 share a GPU)")

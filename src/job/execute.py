@@ -21,7 +21,7 @@ from tqdm import tqdm
 from job.config import JobConfig, RayConfig
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
-from job.plan import actor_layout
+from job.plan import WorkEstimate, actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
 from job.write import OutputDir, VideoStatus
@@ -226,15 +226,16 @@ class ActorRun:
     """Iterating it starts the actors and yields each video's final status as it completes."""
 
     def __init__(self, todo: list[Video], cfg: JobConfig, runtime: RayRuntime, output: OutputDir,
-                 frames_known_up_front: int = 0) -> None:
+                 work: WorkEstimate | None = None) -> None:
         self.todo, self.cfg, self.runtime, self.output = todo, cfg, runtime, output
-        self.frames_known_up_front = frames_known_up_front
+        self.work = work or WorkEstimate(0, len(todo))
+        self.frames_known_up_front = self.work.frames
         # From the actors being ready (model loaded and warm) to the last video done.
         self.processing_seconds = 0.0
 
     def __iter__(self) -> Iterator[VideoStatus]:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
-        layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), len(todo))
+        layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units)
         log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
         progress_name = f"job-progress-{uuid.uuid4().hex}"
         progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()

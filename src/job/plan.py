@@ -89,25 +89,38 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
     return Plan(cfg, videos, todo, finished, missing, settings, lease)
 
 
-def frames_to_detect(videos: list[Video], frame_stride: int, output: OutputDir) -> int:
-    """Frames the run will detect, as far as the containers say, for the progress bar's total up front.
+@dataclass
+class WorkEstimate:
+    """What the containers' headers say of the work ahead, before any worker opens a video."""
 
-    Only local videos not started before (a resumed one's remainder is reported by its worker), and
-    only those whose container records a frame count; the rest join the total as workers open them.
+    frames: int  # frames to detect, for the progress bar's total up front
+    units: int  # videos plus the extra segments long ones will be cut into: how many actors can be busy
+
+
+def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | None,
+                  output: OutputDir) -> WorkEstimate:
+    """Frames and units of work, from container headers (no decoding, no torch).
+
+    Only local videos not started before count their frames (a resumed one's remainder is reported by
+    its worker) and only those whose container records a frame count; the rest join the bar's total as
+    workers open them, and count as one unit each.
     """
-    import av  # container headers only: no decoding, no torch
+    import av
 
-    total = 0
+    frames = units = 0
     for video in videos:
+        units += 1
         if is_uri(video.path) or output.store.names(partition(video.video_id)):
             continue
         try:
             with av.open(video.path) as container:
-                frames = container.streams.video[0].frames if container.streams.video else 0
+                count = container.streams.video[0].frames if container.streams.video else 0
         except Exception:  # noqa: BLE001 - a bad file is the worker's to report
             continue
-        total += math.ceil(frames / frame_stride)
-    return total
+        frames += math.ceil(count / frame_stride)
+        if segment_frames:
+            units += max(0, count // segment_frames - 1)
+    return WorkEstimate(frames, units)
 
 
 def _size(video: Video) -> int:
@@ -172,24 +185,32 @@ class ActorLayout:
     gpus_each: float
 
 
-def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float], videos: int) -> ActorLayout:
-    """How many actors, and the CPUs and GPUs each asks Ray for, given the cluster's declared resources."""
+def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float], units: int) -> ActorLayout:
+    """How many actors, and the CPUs and GPUs each asks Ray for, given the cluster's declared resources
+    and the units of work ahead (no idle actors for a short list).
+
+    On GPUs: one actor per `gpus_per_actor` share, with `cpus_per_actor` (null: 2) CPUs each for
+    decoding. On CPUs only, by default one actor per CPU (faster than fewer actors with more threads:
+    benchmarks/long_video.md), or fewer actors sharing every CPU when there are fewer units of work.
+    """
     gpus = resources.get("GPU", 0.0) if device != Device.cpu else 0.0
     cpus = resources.get("CPU", 1.0)
     if device == Device.cuda and not gpus:
         raise ConfigError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
     gpus_each = min(ray_cfg.gpus_per_actor, gpus) if gpus else 0.0
-    cpus_each = min(ray_cfg.cpus_per_actor, cpus)
-    if ray_cfg.num_actors is not None:
-        count = ray_cfg.num_actors
-    elif gpus:
-        count = max(1, math.floor(gpus / gpus_each + 1e-9))
+    if gpus:
+        cpus_each = min(ray_cfg.cpus_per_actor or 2.0, cpus)
+        count = ray_cfg.num_actors or max(1, math.floor(gpus / gpus_each + 1e-9))
+    elif ray_cfg.cpus_per_actor is None:
+        count = ray_cfg.num_actors or max(1, min(math.floor(cpus + 1e-9), units))
+        cpus_each = cpus / count
     else:
-        count = max(1, math.floor(cpus / cpus_each + 1e-9))
+        cpus_each = min(ray_cfg.cpus_per_actor, cpus)
+        count = ray_cfg.num_actors or max(1, math.floor(cpus / cpus_each + 1e-9))
     if count * cpus_each > cpus:  # never ask for actors the cluster cannot place: they would wait forever
         cpus_each = cpus / count
     if gpus_each and count * gpus_each > gpus + 1e-9:
         raise ConfigError(
             f"ray.num_actors={count} x ray.gpus_per_actor={gpus_each} needs more than the cluster's {gpus:g} GPUs"
         )
-    return ActorLayout(min(count, max(videos, 1)), cpus_each, gpus_each)
+    return ActorLayout(min(count, max(units, 1)), cpus_each, gpus_each)

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from job.config import JobConfig
 from job.finish import RunSummary, summarize, write_tables
-from job.plan import Plan, frames_to_detect, make_plan
+from job.plan import Plan, estimate_work, make_plan
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
         log.info("%d to process, %d already done", len(plan.todo), len(plan.finished))
         with RayRuntime(cfg.ray, keep=keep_ray) as runtime:
             actor_run = ActorRun(plan.todo, cfg, runtime, output,
-                                 frames_to_detect(plan.todo, cfg.frame_stride, output))
+                                 estimate_work(plan.todo, cfg.frame_stride, cfg.ray.segment_frames, output))
             ray_job_id = runtime.job_id()
             for status in actor_run:
                 statuses[status.video_id] = status
