@@ -35,17 +35,25 @@ from job.detect import Detector
 from job.samples import calibrated_state_dict, scene, write_video
 
 MODEL = "ssdlite320_mobilenet_v3_large"
+# Ray Data as users write it ("usual": torchvision's default score_thresh, so thousands of low-score boxes
+# are decoded and suppressed per frame, then filtered; one actor on every thread), and as an expert writes
+# it ("expert": the threshold passed to the builder; one single-threaded actor on one CPU, leaving the other
+# CPU to read_videos; two such actors hang on 2 CPUs, the read tasks getting no CPU).
 RAY_DATA_PIPELINE = r'''
-import sys, time
+import sys
 import numpy as np, ray, torch
 from torchvision.models import get_model
 
-video_dir, out, weights, threshold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+video_dir, out, weights, threshold, style = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+expert = style == "expert"
 
 
 class Detector:
     def __init__(self):
-        self.model = get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=91)
+        if expert:
+            torch.set_num_threads(1)
+        self.model = get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=91,
+                               **({"score_thresh": threshold} if expert else {}))
         self.model.load_state_dict(torch.load(weights, weights_only=True))
         self.model.eval()
 
@@ -65,41 +73,7 @@ class Detector:
 
 ray.init(num_cpus=2, include_dashboard=False)
 ds = ray.data.read_videos(video_dir)
-ds.map_batches(Detector, batch_size=16, concurrency=1).write_parquet(out)
-'''
-
-# Ray Data as an expert writes it: the threshold passed to torchvision's builder (so low-score boxes are
-# dropped before NMS and decoding), and one single-threaded actor on one CPU, leaving the other CPU to
-# read_videos. (Two such actors hang on 2 CPUs: the read tasks get no CPU.)
-RAY_DATA_EXPERT = r'''
-import sys
-import numpy as np, ray, torch
-from torchvision.models import get_model
-
-video_dir, out, weights, threshold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-
-
-class Detector:
-    def __init__(self):
-        torch.set_num_threads(1)
-        self.model = get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=91,
-                               score_thresh=threshold)
-        self.model.load_state_dict(torch.load(weights, weights_only=True))
-        self.model.eval()
-
-    def __call__(self, batch):
-        images = [torch.from_numpy(np.asarray(f)).permute(2, 0, 1).float() / 255 for f in batch["frame"]]
-        with torch.inference_mode():
-            outputs = self.model(images)
-        return {"frame_index": [int(i) for i in batch["frame_index"]],
-                "boxes": [o["boxes"].numpy().tolist() for o in outputs],
-                "scores": [o["scores"].numpy().tolist() for o in outputs],
-                "labels": [o["labels"].numpy().tolist() for o in outputs]}
-
-
-ray.init(num_cpus=2, include_dashboard=False)
-ds = ray.data.read_videos(video_dir)
-ds.map_batches(Detector, batch_size=16, concurrency=1, num_cpus=1).write_parquet(out)
+ds.map_batches(Detector, batch_size=16, concurrency=1, **({"num_cpus": 1} if expert else {})).write_parquet(out)
 '''
 
 # The model-only loop again, inside a Ray actor set up as the job's (embedded Ray, the job's worker
@@ -153,11 +127,10 @@ def run_job(video_dir: Path, out: Path, weights: Path, threshold: float, extra: 
     return seconds, totals["processing_seconds"]
 
 
-def run_ray_data(video_dir: Path, out: Path, weights: Path, threshold: float, tmp: Path,
-                 pipeline: str = RAY_DATA_PIPELINE) -> float:
-    script = tmp / f"ray_data_{abs(hash(pipeline))}.py"
-    script.write_text(pipeline)
-    return timed([sys.executable, str(script), str(video_dir), str(out), str(weights), str(threshold)])
+def run_ray_data(video_dir: Path, out: Path, weights: Path, threshold: float, tmp: Path, style: str) -> float:
+    script = tmp / "ray_data_pipeline.py"
+    script.write_text(RAY_DATA_PIPELINE)
+    return timed([sys.executable, str(script), str(video_dir), str(out), str(weights), str(threshold), style])
 
 
 def run_model_in_actor(video_dir: Path, weights: Path, threshold: float, batch_size: int, tmp: Path) -> float:
@@ -245,9 +218,9 @@ def main() -> None:
                 video_dir, tmp / f"out-job-{round_}", weights, args.threshold, [f"batch_size={batch_size}"])
             if "ray_data" not in args.skip:
                 measured["ray_data"] = run_ray_data(video_dir, tmp / f"out-ray-data-{round_}", weights,
-                                                    args.threshold, tmp)
+                                                    args.threshold, tmp, "usual")
                 measured["ray_data_expert"] = run_ray_data(video_dir, tmp / f"out-ray-data-expert-{round_}", weights,
-                                                           args.threshold, tmp, RAY_DATA_EXPERT)
+                                                           args.threshold, tmp, "expert")
             if "temp_file" not in args.skip:
                 measured["temp_file"] = run_temp_file_loop(videos, weights, args.threshold, tmp)
             measured["decode_decord"], _ = decode_only(videos, batch_size, "decord")
