@@ -111,10 +111,11 @@ def cut_without_reencoding(source: Path, target: Path, keyframe: int, cut: int, 
     return target
 
 
-def overwrite_middle(source: Path, target: Path, nbytes: int = 4096, seed: int = 0) -> Path:
-    """A copy of `source` with `nbytes` of random garbage over its middle (a bad sector, a torn write)."""
+def overwrite_middle(source: Path, target: Path, nbytes: int = 4096, seed: int = 0,
+                     offset_fraction: float = 0.5) -> Path:
+    """A copy of `source` with `nbytes` of random garbage at `offset_fraction` of it (a bad sector, a torn write)."""
     data = bytearray(source.read_bytes())
-    middle = len(data) // 2
+    middle = int(len(data) * offset_fraction)
     data[middle:middle + nbytes] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
     target.write_bytes(bytes(data))
     return target

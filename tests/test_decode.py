@@ -246,3 +246,18 @@ def test_decord_is_not_trusted_with_a_stream_whose_clock_restarts(tmp_path):
     assert progress.damage is None and progress.frames_decoded == 40
     assert np.concatenate([b.frame_indices for b in by_decord]).tolist() == list(range(40))
     assert torch.equal(torch.cat([b.frames for b in by_pyav]), torch.cat([b.frames for b in by_decord]))
+
+
+def test_frames_a_decoder_makes_up_for_damaged_data_never_shift_the_indices(tmp_path):
+    """Damage in a dozen places: every decoded frame keeps an index of its own, within the video's frames.
+
+    (Stand-in frames whose PTS fit nowhere were once numbered in sequence, shifting every later index by one.)
+    """
+    source = write_video(tmp_path / "source.mp4", 200, size=(320, 240), options={"g": "25"})
+    for seed in range(12):
+        damaged = overwrite_middle(source, tmp_path / f"damaged-{seed}.mp4", seed=seed,
+                                   offset_fraction=0.25 + 0.04 * seed)
+        info, progress, batches = decode_all(damaged)
+        indices = np.concatenate([b.frame_indices for b in batches])
+        assert np.all(np.diff(indices) > 0) and indices[-1] < 200, (seed, indices[-3:])
+        assert len(indices) == progress.frames_decoded

@@ -301,6 +301,8 @@ def _pyav_frames(
         for frames in _decoded_per_packet(container, stream, progress):
             for frame in frames:
                 index = number(frame.pts)
+                if index is None:
+                    continue
                 if first_after_seek and index > start:  # the container seeked past `start` (inexact seeking)
                     container.close()
                     yield from _pyav_frames(path, _without_keyframes(info), wanted, progress, threads, start, end)
@@ -358,18 +360,25 @@ class _FrameNumbering:
         self.frame_pts = frame_pts if _stamps_unique(frame_pts) else None
         self.next = 0
         self.skipped = 0
+        self.placed = 0  # frames numbered by their PTS so far
         self.resynced = False
 
     def resync(self) -> None:
         """After a seek: the next frame is numbered by its PTS alone, and the frames before it are not gaps."""
         self.next, self.resynced = 0, True
 
-    def __call__(self, pts: int | None) -> int:
+    def __call__(self, pts: int | None) -> int | None:
+        """The frame's index, or None for a frame to leave out: once frames are being placed by their PTS,
+        one whose PTS places it nowhere new (a decoder's stand-in for damaged data, a repeat) would
+        otherwise shift every later index."""
         index = self.next
         if pts is not None and self.frame_pts is not None:
             found = int(np.searchsorted(self.frame_pts, pts))
             if found < len(self.frame_pts) and self.frame_pts[found] == pts and found >= self.next:
                 index = found
+                self.placed += 1
+            elif self.placed:
+                return None
         if not self.resynced:
             self.skipped += index - self.next
         self.resynced = False
