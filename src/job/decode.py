@@ -15,6 +15,7 @@ buffers for rotated streams, which therefore always go through PyAV.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -173,6 +174,12 @@ def timestamps_for(indices: np.ndarray, info: VideoInfo) -> np.ndarray:
     return out
 
 
+def detected_frames(info: VideoInfo, frame_count: int, frame_stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, timestamps) of the frames the detector looked at: every frame_stride-th decodable one."""
+    indices = np.arange(0, frame_count, frame_stride, dtype=np.int64)
+    return indices, timestamps_for(indices, info)
+
+
 def _make_batch(batch: torch.Tensor, indices: list[int], info: VideoInfo) -> FrameBatch:
     idx = np.asarray(indices, dtype=np.int64)
     return FrameBatch(idx, timestamps_for(idx, info), batch)
@@ -323,8 +330,6 @@ def _pyav_frames(
 
 
 def _without_keyframes(info: VideoInfo) -> VideoInfo:
-    import dataclasses
-
     return dataclasses.replace(info, keyframe_pts=None)
 
 
@@ -440,5 +445,5 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "keyframe_indices", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
+    "detected_frames", "keyframe_indices", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
 ]

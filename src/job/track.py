@@ -88,19 +88,18 @@ def track_ids(rows: pl.DataFrame, frame_indices: np.ndarray, timestamps_s: np.nd
     return rows.with_columns(pl.Series("track_id", ids).replace(-1, None).cast(pl.Int64))
 
 
-def detected_frames(path: str | None, status: VideoStatus, frame_stride: int,
+def frames_to_feed(path: str | None, status: VideoStatus, frame_stride: int,
                     rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(frame indices, timestamps) of every frame the detector saw: from the video's packets when it can
     be read, else the frames that have detections."""
-    from job.decode import VideoError, probe, timestamps_for
+    from job.decode import VideoError, detected_frames, probe
     from job.storage import local_copy
 
     if path is not None and status.frame_count:
         try:
             with local_copy(path) as local:
                 info = probe(local)
-            indices = np.arange(0, status.frame_count, frame_stride, dtype=np.int64)
-            return indices, timestamps_for(indices, info)
+            return detected_frames(info, status.frame_count, frame_stride)
         except (VideoError, OSError) as exc:
             log.warning("%s: tracking over the frames with detections only (the video cannot be read: %s)",
                         status.path, exc)
@@ -135,7 +134,7 @@ def update_tracks(output: OutputDir, tracker: TrackerConfig, videos: Iterable[Tr
                 output.remove_tracks(video.video_id)
         for video in tqdm(todo, desc="tracking", unit="video", disable=not todo, dynamic_ncols=True):
             rows = output.video_detections(video.video_id)
-            indices, times = detected_frames(video.path if video.status.status != "missing" else None,
+            indices, times = frames_to_feed(video.path if video.status.status != "missing" else None,
                                              video.status, frame_stride, rows)
             tracked = track_ids(rows, indices, times, new_tracker(tracker, video.status.fps))
             output.write_tracks(video.video_id, tracked, _state(settings, video.status))

@@ -169,19 +169,22 @@ class OutputDir:
     def committed_end(self, video_id: str, start: int = 0, end: int | None = None) -> int:
         """Frame index a rerun resumes the frames [start, end) of `video_id` at: the end of the unbroken
         chain of its parts from `start`. Parts in the range outside that chain are removed."""
-        directory = partition(video_id)
+        reached = start
+        for first, stop, name in self._parts(video_id, start, end):
+            if first == reached:
+                reached = stop
+            else:  # cannot happen with sequential commits; never keep a gap
+                self.store.delete(f"{partition(video_id)}/{name}")
+        return reached
+
+    def _parts(self, video_id: str, start: int = 0, end: int | None = None) -> list[tuple[int, int, str]]:
+        """(first frame, end frame, name) of the video's parts within the frames [start, end), in frame order."""
         parts = []
-        for name in self.store.names(directory):
+        for name in self.store.names(partition(video_id)):
             match = _PART.match(name)
             if match and int(match.group(1)) >= start and (end is None or int(match.group(2)) <= end):
                 parts.append((int(match.group(1)), int(match.group(2)), name))
-        reached = start
-        for first, stop, name in sorted(parts):
-            if first == reached:
-                reached = stop
-            else:
-                self.store.delete(f"{directory}/{name}")  # cannot happen with sequential commits; never keep a gap
-        return reached
+        return sorted(parts)
 
     def resume_point(self, video_id: str, fingerprint: str | None, path: str | None = None) -> int:
         """Where to resume `video_id` whose content now has `fingerprint`: after its committed parts, or at 0.
@@ -259,7 +262,7 @@ class OutputDir:
     def video_detections(self, video_id: str) -> pl.DataFrame:
         """One video's committed detections (all its parts), for tracking."""
         parts = [pl.read_parquet(self.store.get(f"{partition(video_id)}/{name}"))
-                 for name in sorted(self.store.names(partition(video_id))) if _PART.match(name)]
+                 for _, _, name in self._parts(video_id)]
         return pl.concat(parts) if parts else pl.DataFrame(schema=PREDICTION_SCHEMA)
 
     def has_tracks(self) -> bool:
@@ -314,11 +317,9 @@ class OutputDir:
     def count_detections(self, video_id: str, start: int = 0, end: int | None = None) -> int:
         """Rows in the committed parts of `video_id` within the frames [start, end), read from their footers."""
         total = 0
-        for name in self.store.names(partition(video_id)):
-            match = _PART.match(name)
-            if match and int(match.group(1)) >= start and (end is None or int(match.group(2)) <= end):
-                with self.store.open_input_file(f"{partition(video_id)}/{name}") as handle:
-                    total += pq.ParquetFile(handle).metadata.num_rows
+        for _, _, name in self._parts(video_id, start, end):
+            with self.store.open_input_file(f"{partition(video_id)}/{name}") as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
         return total
 
     def write_status(self, status: VideoStatus) -> None:

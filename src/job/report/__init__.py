@@ -17,7 +17,7 @@ import tempfile
 import polars as pl
 
 from job.config import ReportConfig
-from job.decode import VideoError, probe, timestamps_for
+from job.decode import VideoError, detected_frames, probe
 from job.discover import discover_videos
 from job.errors import ConfigError, JobError
 from job.report import page, pictures, timeline
@@ -108,7 +108,7 @@ def _pictures(output: OutputDir, video_path: str, row: dict, rows: pl.DataFrame,
     folder = f"{REPORT}/{row['video_id']}"
     with local_copy(video_path) as path, tempfile.TemporaryDirectory(prefix="job-report-") as scratch:
         info = probe(path)
-        detected = timestamps_for(range(0, row["frame_count"] or 0, frame_stride), info)
+        _, detected = detected_frames(info, row["frame_count"] or 0, frame_stride)
         figure = timeline.plot(timeline.timeline_data(rows, detected), row["path"])
         output.store.put(f"{folder}/timeline.png", timeline.png(figure))
         preview = os.path.join(scratch, "preview.mp4")
