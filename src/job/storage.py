@@ -40,6 +40,10 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """
     scheme, rest = uri.split("://", 1)
     bucket = rest.split("/", 1)[0]
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if scheme in ("gs", "gcs") and emulator:  # the variable google-cloud-storage and gcloud's emulators use
+        endpoint_scheme, _, host = emulator.rpartition("://")
+        return pafs.GcsFileSystem(anonymous=True, scheme=endpoint_scheme or "http", endpoint_override=host), rest
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs, rest
 
@@ -64,6 +68,30 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     except BotoCoreError as exc:
         raise OutputWriteError(f"cannot write to output_dir={location}: {exc}") from exc
     return True
+
+
+def _gcs_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
+    """GCS's conditional PUT (ifGenerationMatch=0): whether it created the object; None without the client.
+
+    google-cloud-storage finds credentials as pyarrow's GCS filesystem does (application default
+    credentials), and STORAGE_EMULATOR_HOST for an emulator.
+    """
+    try:
+        from google.api_core.exceptions import GoogleAPIError, PreconditionFailed
+        from google.cloud import storage
+    except ImportError:
+        return None
+    bucket, key = path.split("/", 1)
+    try:
+        storage.Client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+    except PreconditionFailed:
+        return False
+    except (GoogleAPIError, OSError) as exc:
+        raise OutputWriteError(f"cannot write to output_dir={location}: {exc}") from exc
+    return True
+
+
+_PUT_IF_ABSENT = {"s3": _s3_put_if_absent, "gs": _gcs_put_if_absent, "gcs": _gcs_put_if_absent}
 
 
 class Store:
@@ -98,9 +126,10 @@ class Store:
     def create_exclusive(self, relative: str, data: bytes) -> bool:
         """Write `relative` only if it does not exist; whether this call created it.
 
-        Atomic on a local or shared POSIX filesystem (O_EXCL) and on S3 with boto3 installed (the `s3`
-        extra: a conditional PUT, which pyarrow cannot send). Other object stores: checked, then written,
-        which two writers starting within the same moment could both pass.
+        Atomic on a local or shared POSIX filesystem (O_EXCL), on S3 with boto3 installed (the `s3` extra)
+        and on GCS with google-cloud-storage installed (the `gcs` extra): a conditional PUT, which pyarrow
+        cannot send. Otherwise checked, then written, which two writers starting within the same moment
+        could both pass.
         """
         if self.local:
             path = Path(self.path(relative))
@@ -114,8 +143,9 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
-        if self.location.startswith("s3://"):
-            created = _s3_put_if_absent(self.location, self.path(relative), data)
+        put_if_absent = _PUT_IF_ABSENT.get(self.location.split("://", 1)[0])
+        if put_if_absent is not None:
+            created = put_if_absent(self.location, self.path(relative), data)
             if created is not None:
                 return created
         if self.get(relative) is not None:
