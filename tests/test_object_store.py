@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import boto3
 import polars as pl
@@ -221,8 +223,11 @@ def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3,
     write_video(local / "long.mp4", 48, size=(320, 240), options={"g": "8"})
     client.upload_file(str(local / "long.mp4"), BUCKET, "long/long.mp4")
 
+    cache_dirs = Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}"
+    before = set(cache_dirs.glob("*"))
     run_job(f"s3://{BUCKET}/long", f"s3://{BUCKET}/long-out", weights_path, env, tmp_path, "ray.num_actors=2",
             "ray.cpus_per_actor=1", "ray.segment_frames=16")
+    assert set(cache_dirs.glob("*")) == before  # the node's copy of the video went with the run
     run_job(local, tmp_path / "unsplit", weights_path, env, tmp_path, "ray.segment_frames=null")
     segments = client.list_objects_v2(Bucket=BUCKET, Prefix="long-out/_state/segments/")["Contents"]
     assert len(segments) == 3  # cut at keyframes 16 and 32
@@ -261,3 +266,45 @@ def test_gcs_in_and_out_equals_the_local_result(gcs, make_cfg, weights_path, tmp
     videos = pl.read_parquet(bucket.blob("out/videos.parquet").download_as_bytes()).select(columns)
     assert videos.equals(pl.read_parquet(clean / "videos.parquet").select(columns))
     assert bucket.get_blob("out/_state/lease.json") is None  # released at the end
+
+
+def test_the_workers_of_a_node_share_one_copy_of_an_object_store_video(s3, tmp_path):
+    """Four readers at once: one fetch, one file; a copy being read survives another video's fetch;
+    a changed object gets a new copy; the run's end leaves nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from job.errors import FetchError
+    from job.storage import VideoCache
+
+    client, _, local_videos = s3
+    uri = f"s3://{BUCKET}/videos/clip 0.mp4"
+    original = (local_videos / "clip 0.mp4").read_bytes()
+    cache = VideoCache(tmp_path / "cache" / "run")
+    start, release = Barrier(4), Barrier(4)
+
+    def read() -> tuple[int, bytes]:
+        start.wait()
+        with cache.local_copy(uri, "v1") as path:
+            seen = os.stat(path).st_ino, open(path, "rb").read()
+            release.wait()  # all four hold it at once
+            return seen
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(lambda _: read(), range(4)))
+    assert {inode for inode, _ in seen} == {seen[0][0]}  # one file, fetched once
+    assert all(data == original for _, data in seen)
+
+    with cache.local_copy(uri, "v1") as reading:
+        with cache.local_copy(f"s3://{BUCKET}/videos/clip 1.mp4", "v1") as other:
+            assert open(reading, "rb").read() == original  # in use: kept
+        with cache.local_copy(uri, "v2") as changed:
+            assert changed != reading
+            assert not os.path.exists(other)  # fetching v2 dropped the copy nobody was reading
+    copies = {str(p) for p in (tmp_path / "cache" / "run").iterdir() if p.suffix == ".mp4"}
+    assert copies == {reading, changed}
+    with pytest.raises(FetchError), cache.local_copy(f"s3://{BUCKET}/videos/gone.mp4", "v1"):
+        pass
+    assert not [p for p in (tmp_path / "cache" / "run").iterdir() if p.name.endswith(".tmp")]
+    cache.clear()
+    assert not (tmp_path / "cache" / "run").exists()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,6 +26,7 @@ from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotSta
 from job.plan import WorkEstimate, actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
+from job.storage import VideoCache
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -123,7 +126,7 @@ class ProgressCounter:
 class VideoWorker:
     """Holds one loaded model and the output store; processes one video per call."""
 
-    def __init__(self, cfg: JobConfig, progress_actor: str, threads: int) -> None:
+    def __init__(self, cfg: JobConfig, progress_actor: str, threads: int, run_id: str) -> None:
         import torch
 
         from job.config import for_device
@@ -143,6 +146,8 @@ class VideoWorker:
             return
         self.settings = for_device(cfg, self.detector.device.type)
         self.output = OutputDir(cfg.output_dir)
+        # One directory per run and node, shared by the run's workers there.
+        self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
         self.detector.warm_up(self.settings.batch_size)
 
     def ready(self) -> tuple[str | None, str | None]:
@@ -161,10 +166,15 @@ class VideoWorker:
         report.flush(heartbeat=True)  # the task has started: its stall clock starts now
         try:
             if task.is_segment:
-                return process_segment(task, self.settings, self.output, self.detector, report, attempts)
-            return process_video(task.video, self.settings, self.output, self.detector, report, attempts)
+                return process_segment(task, self.settings, self.output, self.detector, report, attempts, self.cache)
+            return process_video(task.video, self.settings, self.output, self.detector, report, attempts, self.cache)
         finally:
             report.flush()
+
+    def close(self) -> None:
+        """The run is over: drop this node's copies of object-store videos."""
+        if self.startup_error is None:
+            self.cache.clear()
 
 
 class BatchedProgress:
@@ -237,12 +247,13 @@ class ActorRun:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
         layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units)
         log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
-        progress_name = f"job-progress-{uuid.uuid4().hex}"
+        run_id = uuid.uuid4().hex
+        progress_name = f"job-progress-{run_id}"
         progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
         actors = [
             VideoWorker.options(num_cpus=layout.cpus_each, num_gpus=layout.gpus_each,
                                 runtime_env=runtime.actor_runtime_env)
-            .remote(cfg, progress_name, max(1, int(layout.cpus_each)))
+            .remote(cfg, progress_name, max(1, int(layout.cpus_each)), run_id)
             for _ in range(layout.count)
         ]
         bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
@@ -269,6 +280,7 @@ class ActorRun:
             self.processing_seconds = time.monotonic() - ready_at
         finally:
             bar.close()
+            ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=10)
             for actor in actors:
                 ray.kill(actor)
             ray.kill(progress)

@@ -36,7 +36,7 @@ from job.detect import Detector
 from job.discover import Video
 from job.errors import FetchError, OutputWriteError
 from job.segments import Split, Task, cut_points
-from job.storage import fingerprint, local_copy
+from job.storage import VideoCache, fingerprint, local_copy
 from job.write import OutputDir, VideoStatus, detections_frame
 
 log = logging.getLogger(__name__)
@@ -47,38 +47,41 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
-                  on_progress: ProgressCallback | None = None, attempts: int = 1) -> VideoStatus | Split:
+                  on_progress: ProgressCallback | None = None, attempts: int = 1,
+                  cache: VideoCache | None = None) -> VideoStatus | Split:
     """Runs one video to its final status, committing detections as it goes; or, for a video longer
     than `ray.segment_frames` (or one split before), answers how to split it (nothing processed).
 
     `settings` must be resolved for the detector's device (`config.for_device`).
-    Never raises for a bad video: the reason goes into the status's `error`.
+    Never raises for a bad video: the reason goes into the status's `error`. With a `cache`, an
+    object-store video is read from the node's shared copy (else from a copy of its own).
     """
-    return _process(Task(video), settings, output, detector, on_progress, attempts)
+    return _process(Task(video), settings, output, detector, on_progress, attempts, cache)
 
 
 def process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
-                    on_progress: ProgressCallback | None = None, attempts: int = 1) -> VideoStatus:
+                    on_progress: ProgressCallback | None = None, attempts: int = 1,
+                    cache: VideoCache | None = None) -> VideoStatus:
     """Runs the frames [task.start, task.end) of a split video, resuming after its committed parts;
     its status is recorded as the segment's (the driver merges a video's segments into its row)."""
     done = output.read_segment_status(task.video.video_id, task.start)
     if done is not None:  # finished by an earlier run
         done.frames_this_run = 0
         return done
-    result = _process(task, settings, output, detector, on_progress, attempts)
+    result = _process(task, settings, output, detector, on_progress, attempts, cache)
     assert isinstance(result, VideoStatus)
     return result
 
 
 def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
-             on_progress: ProgressCallback | None, attempts: int) -> VideoStatus | Split:
+             on_progress: ProgressCallback | None, attempts: int, cache: VideoCache | None) -> VideoStatus | Split:
     video = task.video
     try:
         content = fingerprint(video.path)
     except OSError:
         content = None  # unreadable: probe says why
     try:
-        with local_copy(video.path) as path:
+        with cache.local_copy(video.path, content) if cache else local_copy(video.path) as path:
             return _process_local(task, path, settings, output, detector, content, on_progress, attempts)
     except FetchError as exc:  # the object store would not give us the video
         status = _new_status(task, detector, attempts)
