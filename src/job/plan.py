@@ -32,14 +32,33 @@ class Plan:
     detection_settings: dict[str, Any]  # what _state/settings.json holds for this output_dir
     lease: Lease  # held from planning to the end of the run: release() it
 
+    def check_model(self, output: OutputDir) -> None:
+        """Check the model (importing torch) when there is work, then record or check the settings.
+
+        The model comes first: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
+        """
+        if self.todo:
+            from job.models import resolve  # imports torch: only when there is something to detect
+
+            self.settings = dataclasses.replace(self.settings, model=resolve(self.settings.model))
+        output.ensure_settings(self.detection_settings)
+
 
 def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
-    """Discover the videos, check output_dir, take its lease, check the model, record or check the settings,
-    split done from to-do.
+    """Discover the videos, check output_dir, take its lease, split done from to-do, check the model,
+    record or check the settings."""
+    plan = plan_videos(cfg, output)
+    try:
+        plan.check_model(output)
+    except BaseException:
+        plan.lease.release()
+        raise
+    return plan
 
-    The model is checked (and torch imported) only when there is work, and before the settings
-    are recorded: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
-    """
+
+def plan_videos(cfg: JobConfig, output: OutputDir) -> Plan:
+    """make_plan up to the model check, which the caller runs (`Plan.check_model`) before any video is
+    processed: a run overlaps it, and torch's import, with Ray's start."""
     track.check(cfg.tracker)
     videos = discover_videos(cfg.video_dir)
     foreign = output.foreign_entries()
@@ -80,13 +99,7 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
         log.warning("%d videos with results here are no longer in video_dir: kept as status=missing "
                     "(prune=true removes them)", len(missing))
     todo.sort(key=_size, reverse=True)  # longest first (by size), so a batch does not end on one long video
-    settings = detection_settings(cfg)
-    if todo:
-        from job.models import resolve  # imports torch: only when there is something to detect
-
-        cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
-    output.ensure_settings(settings)
-    return Plan(cfg, videos, todo, finished, missing, settings, lease)
+    return Plan(cfg, videos, todo, finished, missing, detection_settings(cfg), lease)
 
 
 @dataclass
