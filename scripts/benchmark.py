@@ -11,7 +11,7 @@ times in one run:
   3. the seed app's loop: each frame written to a temporary JPEG, read back, model([image]);
   4. decode only (same frames; PyAV, the job's default decoder, and our decord path);
   5. model only (same frames already in memory, the model configured exactly as the job does), in
-     this process and again inside a Ray actor set up as the job's.
+     this process, and in Ray actors set up as the job's: one with every thread, one 1-thread actor per CPU.
 Weights: a seeded model calibrated on the frames (offline); speed does not depend on the values.
 """
 
@@ -76,39 +76,48 @@ ds = ray.data.read_videos(video_dir)
 ds.map_batches(Detector, batch_size=16, concurrency=1, **({"num_cpus": 1} if expert else {})).write_parquet(out)
 '''
 
-# The model-only loop again, inside a Ray actor set up as the job's (embedded Ray, the job's worker
-# environment, CPUs and torch threads): what Ray's runtime costs the model, apart from our pipeline.
-MODEL_IN_ACTOR = r'''
+# The model-only loop again, in Ray actors set up as the job's (embedded Ray, the job's worker environment,
+# CPUs and torch threads), as 1 actor x all threads or one 1-thread actor per CPU, the frames shared out:
+# what Ray's runtime costs the model apart from our pipeline, and which layout of processes x threads is fastest.
+MODEL_IN_ACTORS = r'''
 import os, sys, time
 import ray
 from job.execute import WORKER_ENV_VARS
 
-video_dir, weights, threshold, batch_size = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+video_dir, weights, threshold, batch_size, actors = (sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]),
+                                                     int(sys.argv[5]))
+cpus = os.cpu_count()
 os.environ.update(WORKER_ENV_VARS)
-ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
 
 
-@ray.remote(num_cpus=2)
+@ray.remote
 class ModelOnly:
-    def run(self):
+    def __init__(self, share):
         import torch
         from pathlib import Path
         from job.config import ModelConfig
         from job.decode import iter_batches, probe
         from job.detect import Detector
 
-        torch.set_num_threads(2)
-        detector = Detector(ModelConfig(name="ssdlite320_mobilenet_v3_large", weights=weights), threshold, device="cpu")
+        torch.set_num_threads(max(1, cpus // actors))
+        self.detector = Detector(ModelConfig(name="ssdlite320_mobilenet_v3_large", weights=weights), threshold,
+                                 device="cpu")
         batches = [b.frames for v in sorted(Path(video_dir).iterdir())
                    for b in iter_batches(str(v), probe(str(v)), batch_size)]
-        detector(batches[0])
-        started = time.monotonic()
-        for batch in batches:
-            detector(batch)
-        return time.monotonic() - started
+        self.batches = batches[share::actors]
+        self.detector(self.batches[0])  # warm-up
+
+    def run(self):
+        for batch in self.batches:
+            self.detector(batch)
 
 
-print(ray.get(ModelOnly.remote().run.remote()))
+workers = [ModelOnly.options(num_cpus=cpus / actors).remote(i) for i in range(actors)]
+ray.get([w.__ray_ready__.remote() for w in workers])
+started = time.monotonic()
+ray.get([w.run.remote() for w in workers])
+print(time.monotonic() - started)
 '''
 
 
@@ -133,11 +142,12 @@ def run_ray_data(video_dir: Path, out: Path, weights: Path, threshold: float, tm
     return timed([sys.executable, str(script), str(video_dir), str(out), str(weights), str(threshold), style])
 
 
-def run_model_in_actor(video_dir: Path, weights: Path, threshold: float, batch_size: int, tmp: Path) -> float:
-    script = tmp / "model_in_actor.py"
-    script.write_text(MODEL_IN_ACTOR)
-    done = subprocess.run([sys.executable, str(script), str(video_dir), str(weights), str(threshold), str(batch_size)],
-                          check=True, capture_output=True, text=True)
+def run_model_in_actors(video_dir: Path, weights: Path, threshold: float, batch_size: int, tmp: Path,
+                        actors: int) -> float:
+    script = tmp / "model_in_actors.py"
+    script.write_text(MODEL_IN_ACTORS)
+    done = subprocess.run([sys.executable, str(script), str(video_dir), str(weights), str(threshold), str(batch_size),
+                           str(actors)], check=True, capture_output=True, text=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -226,7 +236,11 @@ def main() -> None:
             measured["decode_decord"], _ = decode_only(videos, batch_size, "decord")
             measured["decode_only"], batches = decode_only(videos, batch_size, "pyav")
             measured["model_only"] = model_only(batches, detector)
-            measured["model_in_actor"] = run_model_in_actor(video_dir, weights, args.threshold, batch_size, tmp)
+            cpus = os.cpu_count() or 1
+            measured["model_in_actor"] = run_model_in_actors(video_dir, weights, args.threshold, batch_size, tmp, 1)
+            if cpus > 1:
+                measured["model_in_actors"] = run_model_in_actors(video_dir, weights, args.threshold, batch_size,
+                                                                  tmp, cpus)
             del batches
             for name, value in measured.items():
                 runs.setdefault(name, []).append(value)
@@ -245,7 +259,8 @@ def main() -> None:
         "decode_only": "decode only (PyAV, the job's default decoder)",
         "decode_decord": "decode only (our decord path, `decoder=decord`)",
         "model_only": "model only (frames in memory, configured as the job)",
-        "model_in_actor": "model only, in a Ray actor set up as the job's",
+        "model_in_actor": "model only, in one Ray actor with every thread, set up as the job's",
+        "model_in_actors": "model only, in one 1-thread Ray actor per CPU, set up as the job's",
     }
     lines = [
         f"## Throughput: {time.strftime('%Y-%m-%d')}",
@@ -264,7 +279,7 @@ def main() -> None:
     ]
     for name, value in fps.items():
         # End-to-end pipelines are compared end to end; the in-memory model with the job's steady state.
-        ours = "job_steady" if name in ("model_only", "model_in_actor", "decode_only", "decode_decord") else "job"
+        ours = "job_steady" if name.startswith(("model_", "decode_")) else "job"
         ratio = fps[ours] / value
         each = ", ".join(f"{total / s:.1f}" for s in runs[name])
         lines.append(f"| {labels[name]} | {seconds[name]:.1f} | {value:.1f} | {each} | {ratio:.2f}x ({ours}) |")

@@ -11,15 +11,16 @@ import pytest
 
 from job.config import Device, RayConfig
 from job.errors import ConfigError, OutputNotOursError, SettingsMismatchError
-from job.plan import ActorLayout, actor_layout, make_plan
+from job.plan import MIN_SEGMENT_FRAMES, ActorLayout, actor_layout, balanced_segment_frames, make_plan
 from job.samples import write_video
 from job.storage import fingerprint
 from job.write import OutputDir, VideoStatus
 
 
 def plan_of(cfg, output):
-    """A plan whose lease is released at once, as run() does when it ends."""
+    """A plan whose settings are recorded and whose lease is released at once, as run() does."""
     plan = make_plan(cfg, output)
+    plan.record_settings(output)
     plan.lease.release()
     return plan
 
@@ -173,3 +174,13 @@ def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containe
     # Units: each video one, and a long one its segments (b: 7 frames in segments of 3 = two units).
     assert estimate_work(plan.todo, 1, 3, output).units == 3 + 1
     assert estimate_work(plan.todo, 1, None, output).units == 3
+
+
+def test_few_videos_for_the_actors_are_cut_into_shorter_segments_so_that_the_actors_finish_together():
+    assert balanced_segment_frames(1800, 1000, 1, 2) == 125  # 5 x 200 frames on 2 actors: about 4 units each
+    assert balanced_segment_frames(1800, 1000, 2, 2) == 250  # stride 2: 1000 frames detected span 2000
+    assert balanced_segment_frames(1800, 300, 1, 2) == MIN_SEGMENT_FRAMES  # never shorter than this
+    assert balanced_segment_frames(1800, 10**7, 1, 8) == 1800  # plenty of work: ray.segment_frames as set
+    assert balanced_segment_frames(1800, 1000, 1, 1) == 1800  # one actor has no one to wait for
+    assert balanced_segment_frames(1800, 0, 1, 2) == 1800  # frame counts unknown (object store)
+    assert balanced_segment_frames(None, 1000, 1, 2) is None  # never split

@@ -138,7 +138,6 @@ def test_cli_stops_with_one_clear_error_when_the_model_cannot_load(awkward_dir, 
     wrong = run_cli(*common, f"output_dir={tmp_path / 'b'}", f"model.weights={tmp_path / 'other.pth'}")
     assert wrong.returncode == 2
     assert "other.pth does not fit model=ssdlite320_mobilenet_v3_large" in wrong.output
-    assert "actors" not in wrong.output, "a checkpoint that does not fit is refused before any actor starts"
     assert "Traceback" not in wrong.output
 
 

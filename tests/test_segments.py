@@ -33,11 +33,14 @@ def decode_range(path, info, start=0, end=None, stride=1):
             torch.cat([b.frames for b in batches]), progress)
 
 
-@pytest.mark.parametrize("kind", ["b_frames_open_gop", "vfr", "rotated"])
+@pytest.mark.parametrize("kind", ["b_frames_open_gop", "vfr", "rotated", "cut_between_keyframes"])
 def test_segments_decoded_one_by_one_are_the_whole_video(tmp_path, kind):
     """Open GOPs and B-frames: frames shown before a cut's keyframe but decoded after it belong to the
-    segment before; indices and timestamps stay the video's."""
-    if kind == "b_frames_open_gop":
+    segment before; a cut with no keyframe near it decodes from the keyframe before and keeps its own
+    frames; indices and timestamps stay the video's."""
+    if kind == "cut_between_keyframes":  # one keyframe every 40 frames, B-frames: every cut falls inside a GOP
+        path = write_video(tmp_path / "long_gop.mp4", 75, size=(160, 120), options={"g": "40", "bf": "2"})
+    elif kind == "b_frames_open_gop":
         path = write_video(tmp_path / "open.mp4", 90, size=(160, 120),
                            options={"g": "12", "bf": "3", "x264-params": "open-gop=1:log-level=none"})
     elif kind == "vfr":
@@ -50,6 +53,8 @@ def test_segments_decoded_one_by_one_are_the_whole_video(tmp_path, kind):
     whole_indices, whole_times, whole_frames, _ = decode_range(path, info)
     bounds = cut_points(keyframe_indices(info), len(info.frame_pts), 15)
     assert len(bounds) >= 4, bounds
+    if kind == "cut_between_keyframes":
+        assert set(bounds[1:-1]).isdisjoint(keyframe_indices(info).tolist()), (bounds, keyframe_indices(info))
     pieces = [decode_range(path, info, start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
     assert all(progress.damage is None and progress.frames_decoded == end
                for (_, _, _, progress), end in zip(pieces, bounds[1:], strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ class Detector:
         self.score_threshold = score_threshold
         self.precision = precision = model_cfg.precision.value
         model, self.class_names = build(model_cfg)  # class_names[i] names label i + 1
+        # The settings with the classes this model detects, for the run's manifest (the driver imports no torch).
+        self.model_cfg = dataclasses.replace(
+            model_cfg, classes=list(self.class_names),
+            num_classes=model_cfg.num_classes or (None if model_cfg._target_ else len(self.class_names) + 1))
         set_score_threshold(model, score_threshold)
         fold_batchnorm(model)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)

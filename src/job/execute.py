@@ -6,13 +6,14 @@ hands each to whichever actor is free, so long and short videos balance out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,10 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from job.config import JobConfig, RayConfig
+from job.config import JobConfig, ModelConfig, RayConfig
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
-from job.plan import WorkEstimate, actor_layout
+from job.plan import WorkEstimate, actor_layout, balanced_segment_frames
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
 from job.storage import VideoCache
@@ -150,11 +151,12 @@ class VideoWorker:
         self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
         self.detector.warm_up(self.settings.batch_size)
 
-    def ready(self) -> tuple[str | None, str | None]:
-        """(device, None) once the model is loaded and warm, or (None, what the user must fix)."""
+    def ready(self) -> tuple[str | None, ModelConfig | None, str | None]:
+        """(device, the model's settings with its classes, None) once the model is loaded and warm, or
+        (None, None, what the user must fix)."""
         if self.startup_error is not None:
-            return None, self.startup_error
-        return str(self.detector.device), None
+            return None, None, self.startup_error
+        return str(self.detector.device), self.detector.model_cfg, None
 
     def device(self) -> str:
         return str(self.detector.device)
@@ -236,8 +238,10 @@ class ActorRun:
     """Iterating it starts the actors and yields each video's final status as it completes."""
 
     def __init__(self, todo: list[Video], cfg: JobConfig, runtime: RayRuntime, output: OutputDir,
-                 work: WorkEstimate | None = None) -> None:
+                 work: WorkEstimate | None = None,
+                 on_model_loaded: Callable[[ModelConfig], None] | None = None) -> None:
         self.todo, self.cfg, self.runtime, self.output = todo, cfg, runtime, output
+        self.on_model_loaded = on_model_loaded or (lambda model: None)
         self.work = work or WorkEstimate(0, len(todo))
         self.frames_known_up_front = self.work.frames
         # From the actors being ready (model loaded and warm) to the last video done.
@@ -247,6 +251,12 @@ class ActorRun:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
         layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units)
         log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
+        segment_frames = balanced_segment_frames(cfg.ray.segment_frames, self.work.frames, cfg.frame_stride,
+                                                 layout.count)
+        if segment_frames != cfg.ray.segment_frames:
+            log.info("few videos for %d actors: cutting those over %d frames into segments", layout.count,
+                     segment_frames + segment_frames // 2)
+            cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, segment_frames=segment_frames))
         run_id = uuid.uuid4().hex
         progress_name = f"job-progress-{run_id}"
         progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
@@ -269,8 +279,9 @@ class ActorRun:
             bar.update(done - bar.n)
 
         try:
-            devices = _wait_until_ready(actors)
+            devices, model = _wait_until_ready(actors)
             log.info("actors ready on %s", ", ".join(sorted(set(devices))))
+            self.on_model_loaded(model)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
                              stall_timeout_s=cfg.ray.stall_timeout_s)
@@ -286,7 +297,7 @@ class ActorRun:
             ray.kill(progress)
 
 
-def _wait_until_ready(actors: list[Any]) -> list[str]:
+def _wait_until_ready(actors: list[Any]) -> tuple[list[str], ModelConfig]:
     """Surface a model that cannot load (bad weights, no internet) once, not as a failure per video."""
     try:
         answers = ray.get([actor.ready.remote() for actor in actors])
@@ -298,10 +309,10 @@ def _wait_until_ready(actors: list[Any]) -> list[str]:
                 "every node, or submit with the runtime_env the README's cluster section shows"
             ) from None
         raise WorkersCannotStartError(f"the Ray workers could not start: {reason}") from None
-    errors = sorted({error for _, error in answers if error})
+    errors = sorted({error for _, _, error in answers if error})
     if errors:
         raise WorkersCannotStartError(f"the Ray workers could not load the model: {errors[0]}")
-    return [device for device, _ in answers]
+    return [device for device, _, _ in answers], answers[0][1]
 
 
 def root_cause(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from importlib.metadata import version
 from typing import Any
 
 from job import track
-from job.config import Device, JobConfig, RayConfig, given_classes, is_weights_path
+from job.config import Device, JobConfig, ModelConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
 from job.lease import Lease
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
-    settings: JobConfig  # the run's settings, the model's classes resolved when there is work
+    settings: JobConfig  # the run's settings, the model's classes resolved once the actors load it
     videos: list[Video]  # every discovered file, in discovery order
     todo: list[Video]  # those without a final status from an earlier run
     finished: dict[str, VideoStatus]  # video_id -> an earlier run's final status
@@ -32,33 +32,18 @@ class Plan:
     detection_settings: dict[str, Any]  # what _state/settings.json holds for this output_dir
     lease: Lease  # held from planning to the end of the run: release() it
 
-    def check_model(self, output: OutputDir) -> None:
-        """Check the model (importing torch) when there is work, then record or check the settings.
-
-        The model comes first: a start that fails on a bad checkpoint or class list leaves output_dir as it was.
-        """
-        if self.todo:
-            from job.models import resolve  # imports torch: only when there is something to detect
-
-            self.settings = dataclasses.replace(self.settings, model=resolve(self.settings.model))
+    def record_settings(self, output: OutputDir, model: ModelConfig | None = None) -> None:
+        """Record the settings once the actors have loaded the model (`model`: its classes resolved), or
+        at once when there is nothing to detect: a start that fails on a bad checkpoint or class list
+        leaves output_dir as it was. The driver never imports torch."""
+        if model is not None:
+            self.settings = dataclasses.replace(self.settings, model=model)
         output.ensure_settings(self.detection_settings)
 
 
 def make_plan(cfg: JobConfig, output: OutputDir) -> Plan:
-    """Discover the videos, check output_dir, take its lease, split done from to-do, check the model,
-    record or check the settings."""
-    plan = plan_videos(cfg, output)
-    try:
-        plan.check_model(output)
-    except BaseException:
-        plan.lease.release()
-        raise
-    return plan
-
-
-def plan_videos(cfg: JobConfig, output: OutputDir) -> Plan:
-    """make_plan up to the model check, which the caller runs (`Plan.check_model`) before any video is
-    processed: a run overlaps it, and torch's import, with Ray's start."""
+    """Discover the videos, check output_dir, take its lease, check the settings against it, split done
+    from to-do. Settings are recorded later (`Plan.record_settings`)."""
     track.check(cfg.tracker)
     videos = discover_videos(cfg.video_dir)
     foreign = output.foreign_entries()
@@ -99,7 +84,9 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
         log.warning("%d videos with results here are no longer in video_dir: kept as status=missing "
                     "(prune=true removes them)", len(missing))
     todo.sort(key=_size, reverse=True)  # longest first (by size), so a batch does not end on one long video
-    return Plan(cfg, videos, todo, finished, missing, detection_settings(cfg), lease)
+    settings = detection_settings(cfg)
+    output.check_settings(settings)  # a mismatch stops the run before Ray starts
+    return Plan(cfg, videos, todo, finished, missing, settings, lease)
 
 
 @dataclass
@@ -134,6 +121,21 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
         if segment_frames:
             units += max(0, count // segment_frames - 1)
     return WorkEstimate(frames, units)
+
+
+# Enough units of work per actor that the last ones end close together, but no segment so short that
+# its own start (opening the file, scanning its packets, seeking) weighs next to detecting its frames.
+UNITS_PER_ACTOR = 4
+MIN_SEGMENT_FRAMES = 120
+
+
+def balanced_segment_frames(segment_frames: int | None, frames: int, frame_stride: int, actors: int) -> int | None:
+    """`ray.segment_frames`, shortened when the videos are few for the actors: the batch then ends on
+    segments finishing together, not on one video finishing alone while the other actors wait."""
+    if segment_frames is None or actors < 2 or not frames:
+        return segment_frames
+    share = math.ceil(frames * frame_stride / (actors * UNITS_PER_ACTOR))
+    return min(segment_frames, max(MIN_SEGMENT_FRAMES, share))
 
 
 def _size(video: Video) -> int:

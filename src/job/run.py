@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from job.config import JobConfig
 from job.finish import RunSummary, summarize, write_tables
-from job.plan import Plan, estimate_work, plan_videos
+from job.plan import Plan, estimate_work, make_plan
 from job.write import OutputDir, VideoStatus
 
 log = logging.getLogger(__name__)
@@ -22,7 +21,7 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
     """
     started_at, started = datetime.now(timezone.utc), time.monotonic()
     output = OutputDir(cfg.output_dir)
-    plan = plan_videos(cfg, output)
+    plan = make_plan(cfg, output)
     try:
         return _execute_and_finish(plan, output, started_at, started, keep_ray)
     finally:
@@ -37,22 +36,19 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
         from job.execute import ActorRun, RayRuntime  # the only way into Ray
 
         log.info("%d to process, %d already done", len(plan.todo), len(plan.finished))
-        # Importing torch to check the model and starting Ray each take seconds of mostly different cores.
-        with ThreadPoolExecutor(1, thread_name_prefix="model-check") as background:
-            model_checked = background.submit(plan.check_model, output)
-            with RayRuntime(plan.settings.ray, keep=keep_ray) as runtime:
-                model_checked.result()  # a bad checkpoint stops the run here, before any actor starts
-                cfg = plan.settings  # the model's classes resolved
-                actor_run = ActorRun(plan.todo, cfg, runtime, output,
-                                     estimate_work(plan.todo, cfg.frame_stride, cfg.ray.segment_frames, output))
-                ray_job_id = runtime.job_id()
-                for status in actor_run:
-                    statuses[status.video_id] = status
-                    if status.error:
-                        log.warning("%s: %s: %s", status.path, status.status, status.error)
-                processing_seconds = actor_run.processing_seconds
+        cfg = plan.settings
+        with RayRuntime(cfg.ray, keep=keep_ray) as runtime:
+            actor_run = ActorRun(plan.todo, cfg, runtime, output,
+                                 estimate_work(plan.todo, cfg.frame_stride, cfg.ray.segment_frames, output),
+                                 on_model_loaded=lambda model: plan.record_settings(output, model))
+            ray_job_id = runtime.job_id()
+            for status in actor_run:
+                statuses[status.video_id] = status
+                if status.error:
+                    log.warning("%s: %s: %s", status.path, status.status, status.error)
+            processing_seconds = actor_run.processing_seconds
     else:
-        plan.check_model(output)
+        plan.record_settings(output)
     cfg = plan.settings
     if cfg.tracker.name or output.has_tracks():
         _track(plan, output, statuses)

@@ -49,12 +49,20 @@ class Split:
 
 
 def cut_points(keyframes: np.ndarray, frames: int, segment_frames: int) -> list[int]:
-    """Segment bounds [0, ..., frames]: cuts at keyframes about `segment_frames` apart, none closer
-    than half of it to the end (a short tail joins the segment before it)."""
+    """Segment bounds [0, ..., frames], cuts about `segment_frames` apart, none closer than half of it to
+    the end (a short tail joins the segment before it).
+
+    A cut goes to the keyframe nearest its ideal frame when one is within a quarter segment of it (the
+    segment then starts decoding where it starts); else to the ideal frame itself, and the segment
+    decodes from the keyframe before it, dropping those frames (decoding costs a small fraction of
+    detecting, benchmarks/throughput.md), so videos with few keyframes still split evenly.
+    """
+    keys = np.unique(keyframes)
     bounds = [0]
-    for keyframe in np.unique(keyframes):
-        if keyframe - bounds[-1] >= segment_frames and frames - keyframe >= segment_frames // 2:
-            bounds.append(int(keyframe))
+    while frames - bounds[-1] >= segment_frames + segment_frames // 2:
+        ideal = bounds[-1] + segment_frames
+        near = keys[(keys > bounds[-1]) & (np.abs(keys - ideal) <= segment_frames // 4)]
+        bounds.append(int(near[np.argmin(np.abs(near - ideal))]) if near.size else ideal)
     return [*bounds, frames]
 
 

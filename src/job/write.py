@@ -133,12 +133,17 @@ class OutputDir:
 
     def ensure_settings(self, settings: dict[str, Any]) -> None:
         """Record the detection settings, or refuse if output_dir already holds results of others."""
+        if self.check_settings(settings):
+            self.store.put(f"{STATE}/settings.json", _json_bytes(settings))
+
+    def check_settings(self, settings: dict[str, Any]) -> bool:
+        """Refuse if output_dir holds results made with other settings; whether they need recording."""
         stored_bytes = self.store.get(f"{STATE}/settings.json")
         if stored_bytes is not None:
             stored = json.loads(stored_bytes)
             changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
             if not changed:
-                return
+                return False
             if self.has_results():
                 described = ", ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in changed.items())
                 raise SettingsMismatchError(
@@ -148,7 +153,7 @@ class OutputDir:
             # An earlier start failed before detecting anything (e.g. weights it could not load): its
             # settings protect nothing, so the corrected command may go ahead.
             log.warning("output_dir=%s: replacing the settings of an earlier run that wrote no results", self.location)
-        self.store.put(f"{STATE}/settings.json", _json_bytes(settings))
+        return True
 
     def clear_staging(self) -> None:
         """Remove temp files that killed writes left in the staging directory (call under the lease)."""
