@@ -82,9 +82,9 @@ class RayConfig:
     num_cpus: int | None = None
     # How many actor deaths one video may cause before it is recorded as failed.
     max_video_attempts: int = 3
-    # A video longer than this many frames is cut at keyframes into segments of about this many,
-    # which any actor can take (results identical to one actor's). About a minute at 30 fps; null:
-    # never split.
+    # A video longer than this many frames is cut into segments of about this many (fewer when the
+    # videos are few for the actors), which any actor can take (results identical to one actor's).
+    # About a minute at 30 fps; null: never split.
     segment_frames: Optional[int] = 1800  # noqa: UP045
     # A worker that reports no progress on a video for this long (per frame batch; fetching a remote
     # video counts too) is killed and the video retried like a crash. null: never.

@@ -1,9 +1,9 @@
 """Which detector to build, with how many classes and which names: presets, checkpoints, plug-ins.
 
-`resolve` runs in the driver before any actor starts, so a checkpoint that does not fit, or a class
-list of the wrong length, is one line at start-up rather than a failure per actor. It stays cheap:
-checkpoints are read with `weights_only`, and architectures are built on PyTorch's meta device
-(shapes only: no memory, no compute, ~0.05 s). `build` makes the real model in the actor.
+`resolve` runs where `build` makes the real model, in each actor as it starts (the driver never imports
+torch), so a checkpoint that does not fit, or a class list of the wrong length, is one clear line before
+anything is written. It stays cheap: checkpoints are read with `weights_only`, and architectures are
+checked on PyTorch's meta device (shapes only: no memory, no compute).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Long videos cut at keyframes into segments that any actor can take; segments' outcomes merged into one row.
+"""Long videos cut into segments that any actor can take; segments' outcomes merged into one row.
 
 A unit of work is a `Task`: a whole video, or the frames [start, end) of one. A whole-video task
 for a video longer than `ray.segment_frames` is cut on the worker that opens it (from the demuxed
