@@ -266,12 +266,13 @@ class ActorRun:
             .remote(cfg, progress_name, max(1, int(layout.cpus_each)), run_id)
             for _ in range(layout.count)
         ]
-        bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
-                   mininterval=1.0)
+        bar: tqdm | None = None  # shown once the model has loaded: a model that cannot load is one line, no bar
 
         videos_done = 0
 
         def update_bar() -> None:
+            if bar is None:
+                return
             done, expected = ray.get(progress.read.remote())
             # Known up front where containers record their frame counts; else it grows as workers open videos.
             bar.total = max(self.frames_known_up_front, expected, done)
@@ -282,6 +283,8 @@ class ActorRun:
             devices, model = _wait_until_ready(actors)
             log.info("actors ready on %s", ", ".join(sorted(set(devices))))
             self.on_model_loaded(model)
+            bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
+                       mininterval=1.0)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
                              stall_timeout_s=cfg.ray.stall_timeout_s)
@@ -290,7 +293,8 @@ class ActorRun:
                 yield status
             self.processing_seconds = time.monotonic() - ready_at
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=10)
             for actor in actors:
                 ray.kill(actor)
