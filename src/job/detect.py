@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from torchvision.models.detection.ssd import SSD
 from job.config import ModelConfig
 from job.detect_fast import enable_fast_ssd, prepare_batch
 from job.errors import ConfigError
-from job.models import build
+from job.models import build, resolve
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +81,9 @@ class Detector:
         self.device = resolve_device(device)
         self.score_threshold = score_threshold
         self.precision = precision = model_cfg.precision.value
-        model, self.class_names = build(model_cfg)  # class_names[i] names label i + 1
         # The settings with the classes this model detects, for the run's manifest (the driver imports no torch).
-        self.model_cfg = dataclasses.replace(
-            model_cfg, classes=list(self.class_names),
-            num_classes=model_cfg.num_classes or (None if model_cfg._target_ else len(self.class_names) + 1))
+        self.model_cfg = resolve(model_cfg)
+        model, self.class_names = build(self.model_cfg)  # class_names[i] names label i + 1
         set_score_threshold(model, score_threshold)
         fold_batchnorm(model)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
