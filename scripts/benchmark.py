@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import machine_line, publish
+from report import header, publish
 
 from job.config import JobConfig, ModelConfig, for_device
 from job.detect import Detector
@@ -263,14 +263,8 @@ def main() -> None:
         "model_in_actors": "model only, in one 1-thread Ray actor per CPU, set up as the job's",
     }
     lines = [
-        f"## Throughput: {time.strftime('%Y-%m-%d')}",
-        "",
-        f"Command: `python scripts/benchmark.py --small {args.small} --large {args.large} --frames {args.frames} "
-        f"--threshold {args.threshold} --repeat {args.repeat}"
-        + (f" --batch-size {args.batch_size}`" if args.batch_size else "`"),
-        machine_line(),
-        f"Input: {args.small} x 640x272 and {args.large} x 1280x720 videos, {args.frames} frames each "
-        f"({total} frames); {MODEL}, score_threshold={args.threshold}, batch_size={batch_size}",
+        *header("Throughput", args, f"{args.small} x 640x272 and {args.large} x 1280x720 videos, {args.frames} "
+                f"frames each ({total} frames); {MODEL}, score_threshold={args.threshold}, batch_size={batch_size}"),
         "",
         f"Each figure is the median of {args.repeat} interleaved rounds.",
         "",

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import machine_line, publish
+from report import header, publish
 
 from job.samples import calibrated_state_dict, scene, write_video
 
@@ -85,14 +85,8 @@ def main() -> None:
     steady = {name: statistics.median(args.frames / p for _, p in r) for name, r in runs.items()}
     base = "1x1_whole"
     lines = [
-        f"## One long video: {time.strftime('%Y-%m-%d')}",
-        "",
-        f"Command: `python scripts/long_video_benchmark.py --frames {args.frames} --width {args.width} "
-        f"--height {args.height} --gop {args.gop} --repeat {args.repeat}"
-        + (f" --segment-frames {args.segment_frames}`" if args.segment_frames else "`"),
-        machine_line(),
-        f"Input: one {args.width}x{args.height} H.264 video of {args.frames} frames (keyframe every {args.gop}); "
-        f"{MODEL}, score_threshold=0.2, batch_size 4 (the CPU default)",
+        *header("One long video", args, f"one {args.width}x{args.height} H.264 video of {args.frames} frames "
+                f"(keyframe every {args.gop}); {MODEL}, score_threshold=0.2, batch_size 4 (the CPU default)"),
         "",
         f"Each figure is the median of {args.repeat} interleaved rounds.",
         "",

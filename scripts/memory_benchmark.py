@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from report import machine_line, publish
+from report import header, publish
 
 from job.samples import calibrated_state_dict, scene, write_video
 
@@ -81,11 +81,7 @@ def main() -> None:
     growth_long = results["long"]["peak_pss_mb"] / results["short"]["peak_pss_mb"] - 1
     growth_many = results["many"]["peak_pss_mb"] / results["short"]["peak_pss_mb"] - 1
     lines = [
-        f"## Memory: {time.strftime('%Y-%m-%d')}",
-        "",
-        f"Command: `python scripts/memory_benchmark.py --frames {args.frames} --size {args.size} "
-        f"--stride {args.stride} --many {args.many}`",
-        machine_line(),
+        *header("Memory", args),
         "",
         "| case | frames decoded | peak PSS of tree (MiB) | peak RSS sum (MiB) | seconds |",
         "| --- | --- | --- | --- | --- |",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import av
 import boto3
-from report import machine_line, publish
+from report import header, publish
 
 from job.samples import write_video
 
@@ -162,14 +162,11 @@ def main() -> None:
 
     fastest = min(statistics.median(s) for s in seconds.values())
     lines = [
-        f"\n## Reading a split s3:// video: {time.strftime('%Y-%m-%d')}\n",
-        f"Command: `python scripts/object_store_benchmark.py --frames {args.frames} --width {args.width} "
-        f"--height {args.height} --bitrate-kbps {args.bitrate_kbps} --segments {args.segments} --read-ahead-mib {args.read_ahead_mib:g} "
-        f"--repeat {args.repeat}`",
-        machine_line(),
-        f"Input: one {args.width}x{args.height} H.264 video of {args.frames} frames "
-        f"({size_mib:.1f} MiB, {args.bitrate_kbps} kb/s), keyframe every 50, in {args.segments} segments, "
-        f"on moto's S3 server on localhost; reading and decoding only (no detector)\n",
+        "",
+        *header("Reading a split s3:// video", args, f"one {args.width}x{args.height} H.264 video of {args.frames} "
+                f"frames ({size_mib:.1f} MiB, {args.bitrate_kbps} kb/s), keyframe every 50, in {args.segments} "
+                f"segments, on moto's S3 server on localhost; reading and decoding only (no detector)"),
+        "",
         "| reading | seconds for all segments (median) | vs fastest | each round |",
         "| --- | --- | --- | --- |",
     ]
