@@ -310,19 +310,20 @@ class VideoCache:
             return
         name = hashlib.sha1(f"{path}\0{version}".encode()).hexdigest()[:20]
         copy = self.root / f"{name}{Path(path).suffix}"
-        with open(self.root / f"{name}.lock", "a+b") as lock:
-            while True:
-                fcntl.flock(lock, fcntl.LOCK_SH)
-                if copy.exists():
-                    break
+        with open(self.root / f"{name}.lock", "a+b") as lock, open(self.root / f"{name}.fetch", "a+b") as fetch:
+            # One worker fetches while the others wait for its copy: on a lock of its own, so that they
+            # never wait for the workers already reading (an exclusive lock on `lock` would).
+            fcntl.flock(fetch, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH)  # held before looking: no other worker can drop it now
+                if not copy.exists():
+                    self._drop_unused(keep=name)
+                    atomic_write(copy, lambda handle: _download(path, handle), self.root)
+            except BaseException:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-                fcntl.flock(lock, fcntl.LOCK_EX)  # one worker fetches; the others wait for its copy
-                try:
-                    if not copy.exists():
-                        self._drop_unused(keep=name)
-                        atomic_write(copy, lambda handle: _download(path, handle), self.root)
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+                raise
+            finally:
+                fcntl.flock(fetch, fcntl.LOCK_UN)
             try:
                 yield str(copy)
             finally:
@@ -338,7 +339,7 @@ class VideoCache:
                 except BlockingIOError:
                     continue  # being read
                 for copy in self.root.glob(f"{lock_path.stem}.*"):
-                    if copy != lock_path:
+                    if copy.suffix not in (".lock", ".fetch"):
                         copy.unlink(missing_ok=True)
 
     def clear(self) -> None:
