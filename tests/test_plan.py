@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from job.config import Device, RayConfig
+from job.discover import Video
 from job.errors import ConfigError, OutputNotOursError, SettingsMismatchError
-from job.plan import MIN_SEGMENT_FRAMES, ActorLayout, actor_layout, balanced_segment_frames, make_plan
+from job.plan import MIN_SEGMENT_FRAMES, ActorLayout, actor_layout, make_plan, tail_segment_frames, tail_sizer
 from job.samples import write_video
+from job.segments import Task, cut_points
 from job.storage import fingerprint
 from job.write import OutputDir, VideoStatus
 
@@ -176,11 +178,25 @@ def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containe
     assert estimate_work(plan.todo, 1, None, output).units == 3
 
 
-def test_few_videos_for_the_actors_are_cut_into_shorter_segments_so_that_the_actors_finish_together():
-    assert balanced_segment_frames(1800, 1000, 1, 2) == 125  # 5 x 200 frames on 2 actors: about 4 units each
-    assert balanced_segment_frames(1800, 1000, 2, 2) == 250  # stride 2: 1000 frames detected span 2000
-    assert balanced_segment_frames(1800, 300, 1, 2) == MIN_SEGMENT_FRAMES  # never shorter than this
-    assert balanced_segment_frames(1800, 10**7, 1, 8) == 1800  # plenty of work: ray.segment_frames as set
-    assert balanced_segment_frames(1800, 1000, 1, 1) == 1800  # one actor has no one to wait for
-    assert balanced_segment_frames(1800, 0, 1, 2) == 1800  # frame counts unknown (object store)
-    assert balanced_segment_frames(None, 1000, 1, 2) is None  # never split
+def test_only_the_last_videos_are_cut_shorter_so_that_the_actors_finish_together():
+    # 5 x 200 frames handed out in turn to 2 actors: four run whole, the last in segments.
+    sizes = [tail_segment_frames(1800, 200, queued, 2) for queued in (1000, 800, 600, 400, 200)]
+    assert sizes == [1800, 1800, 1800, 1800, MIN_SEGMENT_FRAMES]
+    assert cut_points(np.array([0]), 200, MIN_SEGMENT_FRAMES) == [0, 100, 200]  # two even halves
+    assert tail_segment_frames(1800, 10_000, 10_000, 2) == 1250  # one long video: about 4 segments per actor
+    assert tail_segment_frames(1800, 10**6, 10**6, 2) == 1800  # never longer than ray.segment_frames
+    assert tail_segment_frames(40, 200, 200, 2) == 40  # nor than a shorter ray.segment_frames
+    assert tail_segment_frames(1800, 200, 200, 1) == 1800  # one actor has no one to wait for
+    assert tail_segment_frames(1800, None, 200, 2) == 1800  # frame count unknown (object store)
+    assert tail_segment_frames(None, 200, 200, 2) is None  # never split
+
+
+def test_the_tail_sizer_counts_the_queued_videos_and_segments():
+    video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(3)]
+    size = tail_sizer({"v0": 200, "v1": 200, "v2": 200}, 1800, 2)
+    assert size(Task(video[0]), [Task(video[2]), Task(video[1])]).segment_frames == 1800  # 600 left: run whole
+    assert size(Task(video[0]), []).segment_frames == MIN_SEGMENT_FRAMES  # the last one: cut
+    # A split video's queued segments count as what they span: 200 + 2 x 100 left, 200 each for 2 actors.
+    segments = [Task(video[1], 0, 100), Task(video[1], 100, 200)]
+    assert size(Task(video[0]), segments).segment_frames == 1800
+    assert size(Task(video[0]), segments[:1]).segment_frames == MIN_SEGMENT_FRAMES

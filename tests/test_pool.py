@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -23,9 +24,11 @@ class FakeBackend:
         self.calls: dict[int, tuple] = {}
         self.log: list[tuple[str, int, str]] = []  # (video_id, attempt, actor)
         self.killed: set[str] = set()
+        self.submitted = []
 
     def submit(self, actor, task, attempt):
         ref = next(self.ids)
+        self.submitted.append(task)
         self.calls[ref] = ("process", actor, task, attempt)
         self.log.append((task.key, attempt, actor))
         return ref
@@ -135,6 +138,23 @@ def test_a_video_that_hangs_every_time_is_given_up_saying_why():
     assert statuses["v0-000"].status == "failed"
     assert "no progress for ray.stall_timeout_s=0.05 s" in statuses["v0-000"].error
     assert statuses["v1-000"].status == "ok"
+
+
+def test_each_whole_video_is_sized_when_handed_out_given_what_is_still_queued():
+    seen = []
+
+    def size(task, queued):
+        seen.append((task.key, sorted(t.key for t in queued)))
+        return dataclasses.replace(task, segment_frames=10 * (len(queued) + 1))
+
+    todo = videos(3)
+    split = Split(todo[0], (0, 100, 200))
+    backend = FakeBackend({("v0-000", 1): split})
+    run(ActorPool(["a"], backend, 3, lambda s: None, size_task=size), todo)
+    # v0 comes back split: its segments are handed out as they are, then v1 sized with only v2 queued.
+    assert seen == [("v0-000", ["v1-000", "v2-000"]), ("v1-000", ["v2-000"]), ("v2-000", [])]
+    assert [(t.key, t.segment_frames) for t in backend.submitted] == [
+        ("v0-000", 30), ("v0-000@0", None), ("v0-000@100", None), ("v1-000", 20), ("v2-000", 10)]
 
 
 def test_a_split_video_is_spread_over_every_actor_and_gets_one_merged_row():

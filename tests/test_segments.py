@@ -63,6 +63,15 @@ def test_segments_decoded_one_by_one_are_the_whole_video(tmp_path, kind):
     assert torch.equal(torch.cat([p[2] for p in pieces]), whole_frames)
 
 
+def test_a_video_is_cut_into_even_segments_at_keyframes_near_the_ideal_cuts():
+    no_keys = np.array([0])
+    assert cut_points(no_keys, 179, 120) == [0, 179]  # under 1.5 segments: whole
+    assert cut_points(no_keys, 200, 120) == [0, 100, 200]  # two even halves, no 120 + 80
+    assert cut_points(no_keys, 10_000, 1800) == [0, 1667, 3333, 5000, 6667, 8333, 10_000]
+    assert cut_points(np.array([0, 90, 110, 130]), 200, 120) == [0, 90, 200]  # 90 and 110 equally near: the first
+    assert cut_points(np.array([0, 60, 126, 140]), 200, 120) == [0, 100, 200]  # none within a quarter segment
+
+
 @pytest.fixture(scope="module")
 def long_video(tmp_path_factory):
     directory = tmp_path_factory.mktemp("long")
@@ -93,7 +102,8 @@ def test_a_split_video_on_two_actors_gives_the_unsplit_results(ray_session, long
         assert (split_rows[column] - whole_rows[column]).abs().max() < 1e-3, column
     parts = sorted(p.name for p in (tmp_path / "split" / "predictions").glob("video_id=long-*/part-*.parquet"))
     starts = {int(name.split("-")[1]) for name in parts}
-    assert {0, 45, 90} <= starts, parts  # segments cut at keyframes 45 and 90 (GOP 15, ~40 frames each)
+    # 150 frames in 4 even segments (ideal cuts 38, 75, 112), each cut at the nearest keyframe (GOP 15).
+    assert {0, 45, 75, 105} <= starts, parts
     workers = {json_worker(path) for path in (tmp_path / "split" / "_state" / "segments").glob("long-*/*.json")}
     assert len(workers) == 2, "both actors should take segments of the one long video"
 

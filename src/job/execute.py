@@ -6,7 +6,6 @@ hands each to whichever actor is free, so long and short videos balance out.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from job.config import JobConfig, ModelConfig, RayConfig
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
-from job.plan import WorkEstimate, actor_layout, balanced_segment_frames
+from job.plan import WorkEstimate, actor_layout, tail_sizer
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
 from job.storage import VideoCache
@@ -149,6 +148,8 @@ class VideoWorker:
         self.output = OutputDir(cfg.output_dir)
         # One directory per run and node, shared by the run's workers there.
         self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
+        import job.process  # noqa: F401  (imported while starting up, not on the first video)
+
         self.detector.warm_up(self.settings.batch_size)
 
     def ready(self) -> tuple[str | None, ModelConfig | None, str | None]:
@@ -169,7 +170,8 @@ class VideoWorker:
         try:
             if task.is_segment:
                 return process_segment(task, self.settings, self.output, self.detector, report, attempts, self.cache)
-            return process_video(task.video, self.settings, self.output, self.detector, report, attempts, self.cache)
+            return process_video(task.video, self.settings, self.output, self.detector, report, attempts, self.cache,
+                                 task.segment_frames)
         finally:
             report.flush()
 
@@ -183,7 +185,7 @@ class BatchedProgress:
     """Sends progress to the counter actor at most every `interval` s instead of once per batch:
     the bar refreshes once a second anyway, and each remote call costs the actor CPU time."""
 
-    def __init__(self, counter: Any, interval: float = 0.5, video_id: str | None = None) -> None:
+    def __init__(self, counter: Any, interval: float = 1.0, video_id: str | None = None) -> None:
         self.counter, self.interval, self.video_id = counter, interval, video_id
         self.done = self.expected = 0
         self.sent_at = time.monotonic()
@@ -251,12 +253,6 @@ class ActorRun:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
         layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units)
         log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
-        segment_frames = balanced_segment_frames(cfg.ray.segment_frames, self.work.frames, cfg.frame_stride,
-                                                 layout.count)
-        if segment_frames != cfg.ray.segment_frames:
-            log.info("few videos for %d actors: cutting those over %d frames into segments", layout.count,
-                     segment_frames + segment_frames // 2)
-            cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, segment_frames=segment_frames))
         run_id = uuid.uuid4().hex
         progress_name = f"job-progress-{run_id}"
         progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
@@ -287,7 +283,8 @@ class ActorRun:
                        mininterval=1.0)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
-                             stall_timeout_s=cfg.ray.stall_timeout_s)
+                             stall_timeout_s=cfg.ray.stall_timeout_s, size_task=tail_sizer(self.work.frames_by_video, cfg.ray.segment_frames,
+                                                                  layout.count))
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
                 yield status

@@ -7,7 +7,8 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
@@ -16,6 +17,7 @@ from job.config import Device, JobConfig, ModelConfig, RayConfig, given_classes,
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
 from job.lease import Lease
+from job.segments import Task
 from job.storage import fingerprint, is_uri
 from job.write import OutputDir, VideoStatus, partition
 
@@ -95,6 +97,7 @@ class WorkEstimate:
 
     frames: int  # frames to detect, for the progress bar's total up front
     units: int  # videos plus the extra segments long ones will be cut into: how many actors can be busy
+    frames_by_video: dict[str, int] = field(default_factory=dict)  # video_id -> the container's frame count
 
 
 def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | None,
@@ -108,6 +111,7 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
     import av
 
     frames = units = 0
+    frames_by_video = {}
     for video in videos:
         units += 1
         if is_uri(video.path) or output.store.names(partition(video.video_id)):
@@ -118,9 +122,11 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
         except Exception:  # noqa: BLE001 - a bad file is the worker's to report
             continue
         frames += math.ceil(count / frame_stride)
+        if count:
+            frames_by_video[video.video_id] = count
         if segment_frames:
             units += max(0, count // segment_frames - 1)
-    return WorkEstimate(frames, units)
+    return WorkEstimate(frames, units, frames_by_video)
 
 
 # Enough units of work per actor that the last ones end close together, but no segment so short that
@@ -129,13 +135,32 @@ UNITS_PER_ACTOR = 4
 MIN_SEGMENT_FRAMES = 120
 
 
-def balanced_segment_frames(segment_frames: int | None, frames: int, frame_stride: int, actors: int) -> int | None:
-    """`ray.segment_frames`, shortened when the videos are few for the actors: the batch then ends on
-    segments finishing together, not on one video finishing alone while the other actors wait."""
-    if segment_frames is None or actors < 2 or not frames:
+def tail_segment_frames(segment_frames: int | None, video_frames: int | None, queued_frames: int,
+                        actors: int) -> int | None:
+    """The segment length to cut a video about to start with: `ray.segment_frames` while the work still
+    queued (this video's `video_frames` included) gives every actor more than this video, else short
+    enough that the actors finish it together instead of one finishing it alone while the others wait.
+
+    Only the last videos are cut so: a cut away from a keyframe decodes from the keyframe before it,
+    and splitting costs a round trip, so splitting every video to balance a few would waste both.
+    """
+    if segment_frames is None or actors < 2 or not video_frames or video_frames * actors <= queued_frames:
         return segment_frames
-    share = math.ceil(frames * frame_stride / (actors * UNITS_PER_ACTOR))
+    share = math.ceil(queued_frames / (actors * UNITS_PER_ACTOR))
     return min(segment_frames, max(MIN_SEGMENT_FRAMES, share))
+
+
+def tail_sizer(frames_by_video: dict[str, int], segment_frames: int | None,
+               actors: int) -> Callable[[Task, list[Task]], Task]:
+    """The pool's `size_task`: each whole video handed out gets `tail_segment_frames` for what is queued."""
+
+    def size(task: Task, queued: list[Task]) -> Task:
+        left = frames_by_video.get(task.video.video_id, 0) + sum(
+            (t.end - t.start) if t.is_segment else frames_by_video.get(t.video.video_id, 0) for t in queued)
+        cut = tail_segment_frames(segment_frames, frames_by_video.get(task.video.video_id), left, actors)
+        return dataclasses.replace(task, segment_frames=cut)
+
+    return size
 
 
 def _size(video: Video) -> int:

@@ -51,12 +51,15 @@ class ActorPool:
     is done. An actor that died is pinged until it answers again (Ray restarts it) and then takes work
     again; one that has not answered after `max_pings` pings is dropped. A task that killed its actor
     `max_attempts` times is given up as failed (a video's row is `record`ed; workers record the others).
+    `size_task` sets how a whole video about to be handed out is cut, given the tasks still queued.
     """
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
                  record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
-                 stall_timeout_s: float | None = None) -> None:
+                 stall_timeout_s: float | None = None,
+                 size_task: Callable[[Task, list[Task]], Task] = lambda task, queued: task) -> None:
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
+        self.size_task = size_task
         self.stall_timeout_s = stall_timeout_s
         self.started_at: dict[Ref, float] = {}
         self.killed: set[Ref] = set()
@@ -74,13 +77,14 @@ class ActorPool:
         self.queue = [Task(video) for video in reversed(videos)]
         while self.queue or self.running:
             self._dispatch()
+            finished = []
             for ref in self.backend.wait([*self.running, *self.recovering], poll_s):
                 if ref in self.recovering:
                     self._recovered(ref)
                 else:
-                    status = self._completed(ref)
-                    if status is not None:
-                        yield status
+                    finished.append(self._completed(ref))
+            self._dispatch()  # a freed actor starts its next task before the caller's and our bookkeeping
+            yield from (status for status in finished if status is not None)
             if not self.running and not self.idle and self.queue and not self.recovering:
                 raise WorkersCannotStartError("every Ray worker died and none could be restarted")
             self._kill_stalled()
@@ -89,6 +93,8 @@ class ActorPool:
     def _dispatch(self) -> None:
         while self.queue and self.idle:
             task, actor = self.queue.pop(), self.idle.pop()
+            if not task.is_segment:
+                task = self.size_task(task, self.queue)
             self.attempts[task.key] = self.attempts.get(task.key, 0) + 1
             ref = self.backend.submit(actor, task, self.attempts[task.key])
             self.running[ref] = (task, actor)

@@ -48,15 +48,17 @@ ProgressCallback = Callable[[int, int], None]
 
 def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
                   on_progress: ProgressCallback | None = None, attempts: int = 1,
-                  cache: VideoCache | None = None) -> VideoStatus | Split:
+                  cache: VideoCache | None = None, segment_frames: int | None = None) -> VideoStatus | Split:
     """Runs one video to its final status, committing detections as it goes; or, for a video longer
-    than `ray.segment_frames` (or one split before), answers how to split it (nothing processed).
+    than `segment_frames` (None: `ray.segment_frames`), or one split before, answers how to split it
+    (nothing processed).
 
     `settings` must be resolved for the detector's device (`config.for_device`).
     Never raises for a bad video: the reason goes into the status's `error`. With a `cache`, an
     object-store video is read from the node's shared copy (else from a copy of its own).
     """
-    return _process(Task(video), settings, output, detector, on_progress, attempts, cache)
+    return _process(Task(video, segment_frames=segment_frames), settings, output, detector, on_progress, attempts,
+                    cache)
 
 
 def process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
@@ -118,7 +120,7 @@ def _process_local(
         expected = task.end - task.start
     else:
         first, start = 0, output.resume_point(video.video_id, content, video.relative_path)
-        split = _split(video, info, settings, output, start)
+        split = _split(video, info, task.segment_frames or settings.ray.segment_frames, output, start)
         if split is not None:
             return split
         expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
@@ -165,7 +167,8 @@ def _process_local(
     return _finish(output, status, started, task)
 
 
-def _split(video: Video, info: VideoInfo, settings: JobConfig, output: OutputDir, start: int) -> Split | None:
+def _split(video: Video, info: VideoInfo, segment_frames: int | None, output: OutputDir,
+           start: int) -> Split | None:
     """How to cut a long video (the cuts recorded by an earlier run win), or None to run it whole.
 
     A video an earlier unsplit run has committed parts of is finished whole: new cuts could cross its parts.
@@ -174,9 +177,9 @@ def _split(video: Video, info: VideoInfo, settings: JobConfig, output: OutputDir
     if recorded:
         return Split(video, tuple(recorded))
     keyframes = keyframe_indices(info)
-    if settings.ray.segment_frames is None or start > 0 or keyframes is None:
+    if segment_frames is None or start > 0 or keyframes is None:
         return None
-    bounds = cut_points(keyframes, len(info.frame_pts), settings.ray.segment_frames)
+    bounds = cut_points(keyframes, len(info.frame_pts), segment_frames)
     if len(bounds) <= 2:
         return None
     output.record_split(video.video_id, bounds)

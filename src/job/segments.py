@@ -22,6 +22,9 @@ class Task:
     video: Video
     start: int = 0
     end: int | None = None  # None: the whole video
+    # A whole video's segment length, chosen when it is handed out (plan.tail_segment_frames);
+    # None: ray.segment_frames.
+    segment_frames: int | None = None
 
     @property
     def is_segment(self) -> bool:
@@ -49,19 +52,24 @@ class Split:
 
 
 def cut_points(keyframes: np.ndarray, frames: int, segment_frames: int) -> list[int]:
-    """Segment bounds [0, ..., frames], cuts about `segment_frames` apart, none closer than half of it to
-    the end (a short tail joins the segment before it).
+    """Segment bounds [0, ..., frames]: a video of at least 1.5 `segment_frames` is cut into
+    round(frames / segment_frames) (at least 2) segments of about equal length, so that no short
+    segment is left over and the actors given a video's segments finish them together.
 
     A cut goes to the keyframe nearest its ideal frame when one is within a quarter segment of it (the
     segment then starts decoding where it starts); else to the ideal frame itself, and the segment
     decodes from the keyframe before it, dropping those frames (decoding costs a small fraction of
     detecting, benchmarks/throughput.md), so videos with few keyframes still split evenly.
     """
+    if frames < segment_frames + segment_frames // 2:
+        return [0, frames]
+    count = max(2, round(frames / segment_frames))
+    length = frames / count
     keys = np.unique(keyframes)
     bounds = [0]
-    while frames - bounds[-1] >= segment_frames + segment_frames // 2:
-        ideal = bounds[-1] + segment_frames
-        near = keys[(keys > bounds[-1]) & (np.abs(keys - ideal) <= segment_frames // 4)]
+    for k in range(1, count):
+        ideal = round(k * length)
+        near = keys[(keys > bounds[-1]) & (np.abs(keys - ideal) <= length // 4)]
         bounds.append(int(near[np.argmin(np.abs(near - ideal))]) if near.size else ideal)
     return [*bounds, frames]
 
