@@ -140,21 +140,30 @@ def test_a_video_that_hangs_every_time_is_given_up_saying_why():
     assert statuses["v1-000"].status == "ok"
 
 
-def test_each_whole_video_is_sized_when_handed_out_given_what_is_still_queued():
-    seen = []
+class RecordingSizer:
+    def __init__(self):
+        self.seen, self.done_keys = [], []
 
-    def size(task, queued):
-        seen.append((task.key, sorted(t.key for t in queued)))
+    def size(self, task, queued, running):
+        assert all(seconds >= 0 for _, seconds in running)
+        self.seen.append((task.key, sorted(t.key for t in queued), sorted(t.key for t, _ in running)))
         return dataclasses.replace(task, segment_frames=10 * (len(queued) + 1))
 
+    def done(self, status):
+        self.done_keys.append(f"{status.video_id}@{status.segment_start}")
+
+
+def test_each_whole_video_is_sized_when_handed_out_from_the_tasks_queued_and_running():
     todo = videos(3)
     split = Split(todo[0], (0, 100, 200))
-    backend = FakeBackend({("v0-000", 1): split})
-    run(ActorPool(["a"], backend, 3, lambda s: None, size_task=size), todo)
-    # v0 comes back split: its segments are handed out as they are, then v1 sized with only v2 queued.
-    assert seen == [("v0-000", ["v1-000", "v2-000"]), ("v1-000", ["v2-000"]), ("v2-000", [])]
+    backend, sizer = FakeBackend({("v0-000", 1): split}), RecordingSizer()
+    run(ActorPool(["a", "b"], backend, 3, lambda s: None, sizer=sizer), todo)
+    # v0 comes back split: its segments are handed out as they are; v2, the last, while v0@100 runs.
+    assert sizer.seen == [("v0-000", ["v1-000", "v2-000"], []), ("v1-000", ["v2-000"], ["v0-000"]),
+                          ("v2-000", [], ["v0-000@100"])]
     assert [(t.key, t.segment_frames) for t in backend.submitted] == [
-        ("v0-000", 30), ("v0-000@0", None), ("v0-000@100", None), ("v1-000", 20), ("v2-000", 10)]
+        ("v0-000", 30), ("v1-000", 20), ("v0-000@0", None), ("v0-000@100", None), ("v2-000", 10)]
+    assert sizer.done_keys == ["v1-000@0", "v0-000@0", "v0-000@100", "v2-000@0"]  # every finished task, once
 
 
 def test_a_split_video_is_spread_over_every_actor_and_gets_one_merged_row():

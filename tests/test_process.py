@@ -12,8 +12,9 @@ from job import write
 from job.config import ModelConfig, for_device
 from job.detect import Detector
 from job.discover import discover_videos
-from job.process import prefetch, process_video
+from job.process import prefetch, process_task, process_video
 from job.samples import write_video
+from job.segments import Task
 from job.write import OutputDir
 
 
@@ -196,3 +197,19 @@ def test_damaged_data_mid_file_is_partial_with_the_frames_after_it_detected(tmp_
     assert row.status == "partial" and "could not be decoded (damaged data)" in row.error
     assert 150 < row.frame_count == row.frames_processed < 200
     assert OutputDir(tmp_path / "out").committed_end(row.video_id) == 200  # detected to the last frame
+
+
+def test_a_whole_video_task_is_cut_as_the_pool_sized_it(tmp_path, make_cfg, detector):
+    """The pool's sizer chooses a whole video's cuts when it hands it out; the worker applies them at
+    the video's keyframes (GOP 10 here), and `cuts=()` keeps it whole."""
+    write_video(tmp_path / "videos" / "v.mp4", 60, size=(64, 48), options={"g": "10", "bf": "0"})
+    video = only_video(tmp_path / "videos")
+
+    def answer(task, name):
+        cfg = make_cfg(tmp_path / "videos", output_dir=tmp_path / name)
+        return process_task(task, for_device(cfg, "cpu"), OutputDir(cfg.output_dir), detector)
+
+    assert answer(Task(video), "default").frame_count == 60  # under 1.5 x ray.segment_frames: whole
+    assert answer(Task(video, segment_frames=20), "even").bounds == (0, 20, 40, 60)
+    assert answer(Task(video, cuts=(38,)), "uneven").bounds == (0, 40, 60)  # keyframe 40 is 2 frames away
+    assert answer(Task(video, segment_frames=20, cuts=()), "whole").frame_count == 60  # cuts win

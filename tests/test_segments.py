@@ -18,7 +18,7 @@ from job import write
 from job.decode import DecodeProgress, iter_batches, keyframe_indices, probe
 from job.run import run
 from job.samples import scene, write_video
-from job.segments import cut_points
+from job.segments import cut_points, snap_cuts
 
 KEYS = ["frame_index", "class_id", "x1", "y1"]
 ROW = ["path", "status", "error", "frame_count", "frames_processed", "detections"]
@@ -70,6 +70,10 @@ def test_a_video_is_cut_into_even_segments_at_keyframes_near_the_ideal_cuts():
     assert cut_points(no_keys, 10_000, 1800) == [0, 1667, 3333, 5000, 6667, 8333, 10_000]
     assert cut_points(np.array([0, 90, 110, 130]), 200, 120) == [0, 90, 200]  # 90 and 110 equally near: the first
     assert cut_points(np.array([0, 60, 126, 140]), 200, 120) == [0, 100, 200]  # none within a quarter segment
+    # Uneven cuts (the last video's): the window is a quarter of the shorter segment beside the cut.
+    assert snap_cuts(np.array([0, 120, 140]), 200, [128]) == [0, 120, 200]
+    assert snap_cuts(np.array([0, 120, 140]), 200, [180]) == [0, 180, 200]  # 140 is 40 away, window 5
+    assert snap_cuts(np.array([0]), 200, [0, 200, 250]) == [0, 200]  # cuts outside the video: none
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from job.config import JobConfig, ModelConfig, RayConfig
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
-from job.plan import WorkEstimate, actor_layout, tail_sizer
+from job.plan import TailSizer, WorkEstimate, actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
 from job.storage import VideoCache
@@ -163,15 +163,12 @@ class VideoWorker:
         return str(self.detector.device)
 
     def process(self, task: Task, attempts: int) -> VideoStatus | Split:
-        from job.process import process_segment, process_video
+        from job.process import process_task
 
         report = BatchedProgress(self.progress, video_id=task.key)
         report.flush(heartbeat=True)  # the task has started: its stall clock starts now
         try:
-            if task.is_segment:
-                return process_segment(task, self.settings, self.output, self.detector, report, attempts, self.cache)
-            return process_video(task.video, self.settings, self.output, self.detector, report, attempts, self.cache,
-                                 task.segment_frames)
+            return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache)
         finally:
             report.flush()
 
@@ -283,8 +280,8 @@ class ActorRun:
                        mininterval=1.0)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
-                             stall_timeout_s=cfg.ray.stall_timeout_s, size_task=tail_sizer(self.work.frames_by_video, cfg.ray.segment_frames,
-                                                                  layout.count))
+                             stall_timeout_s=cfg.ray.stall_timeout_s,
+                             sizer=TailSizer(self.work.frames_by_video, cfg.ray.segment_frames, layout.count))
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
                 yield status

@@ -7,7 +7,6 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -133,6 +132,9 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
 # its own start (opening the file, scanning its packets, seeking) weighs next to detecting its frames.
 UNITS_PER_ACTOR = 4
 MIN_SEGMENT_FRAMES = 120
+# The last video's pieces are sized to fill each actor up to the same end, so shorter ones pay: a piece
+# idles an actor for as long as it takes to detect, and starting one costs far less than 30 frames.
+MIN_TAIL_PIECE_FRAMES = 30
 
 
 def tail_segment_frames(segment_frames: int | None, video_frames: int | None, queued_frames: int,
@@ -150,17 +152,56 @@ def tail_segment_frames(segment_frames: int | None, video_frames: int | None, qu
     return min(segment_frames, max(MIN_SEGMENT_FRAMES, share))
 
 
-def tail_sizer(frames_by_video: dict[str, int], segment_frames: int | None,
-               actors: int) -> Callable[[Task, list[Task]], Task]:
-    """The pool's `size_task`: each whole video handed out gets `tail_segment_frames` for what is queued."""
+def last_video_cuts(video_frames: int, running_left: list[float]) -> list[int]:
+    """Where to cut the last video, handed to an actor while the others finish tasks with
+    `running_left` frames to go, so that all end together: each actor gets a piece that fills it up to
+    the same end, the next actor to be free the largest (the pool hands the segments out in order).
 
-    def size(task: Task, queued: list[Task]) -> Task:
-        left = frames_by_video.get(task.video.video_id, 0) + sum(
-            (t.end - t.start) if t.is_segment else frames_by_video.get(t.video.video_id, 0) for t in queued)
-        cut = tail_segment_frames(segment_frames, frames_by_video.get(task.video.video_id), left, actors)
-        return dataclasses.replace(task, segment_frames=cut)
+    Actors whose task ends after that get none; pieces under MIN_TAIL_PIECE_FRAMES stay with the first.
+    """
+    left = sorted(running_left)
+    target = (video_frames + sum(left)) / (len(left) + 1)
+    while left and left[-1] >= target:
+        left.pop()
+        target = (video_frames + sum(left)) / (len(left) + 1)
+    pieces = sorted((p for p in (target - r for r in left) if p >= MIN_TAIL_PIECE_FRAMES), reverse=True)
+    sizes = [video_frames - sum(pieces), *pieces]
+    return [round(sum(sizes[:k])) for k in range(1, len(sizes))]
 
-    return size
+
+class TailSizer:
+    """The pool's `sizer`: how each whole video handed out is cut, so that the actors finish together.
+
+    The last video, while other actors are busy, is cut unevenly by `last_video_cuts` (their tasks'
+    frames left come from the frames per second finished tasks took); other videos get
+    `tail_segment_frames`. Frame counts are the containers' (`WorkEstimate.frames_by_video`).
+    """
+
+    def __init__(self, frames_by_video: dict[str, int], segment_frames: int | None, actors: int) -> None:
+        self.frames_by_video, self.segment_frames, self.actors = frames_by_video, segment_frames, actors
+        self.frames_timed, self.seconds_timed = 0, 0.0
+
+    def frames(self, task: Task) -> int:
+        return task.end - task.start if task.end is not None else self.frames_by_video.get(task.video.video_id, 0)
+
+    def done(self, status: VideoStatus) -> None:
+        """Learns an actor's speed from a finished task."""
+        if status.frame_count and status.seconds:
+            self.frames_timed += status.frame_count
+            self.seconds_timed += status.seconds
+
+    def size(self, task: Task, queued: list[Task], running: list[tuple[Task, float]]) -> Task:
+        """`task` with its cuts; `running` is each task in progress with the seconds it has run."""
+        video_frames = self.frames_by_video.get(task.video.video_id)
+        if self.segment_frames is None or self.actors < 2 or not video_frames:
+            return task
+        if not queued and running and self.seconds_timed and video_frames <= self.segment_frames:
+            per_second = self.frames_timed / self.seconds_timed
+            left = [max(0.0, self.frames(t) - seconds * per_second) for t, seconds in running]
+            return dataclasses.replace(task, cuts=tuple(last_video_cuts(video_frames, left)))
+        queued_frames = video_frames + sum(self.frames(t) for t in queued)
+        return dataclasses.replace(task, segment_frames=tail_segment_frames(self.segment_frames, video_frames,
+                                                                            queued_frames, self.actors))
 
 
 def _size(video: Video) -> int:

@@ -42,6 +42,16 @@ class Backend(Protocol):
         """The call's value; raises ActorDied or CallFailed."""
 
 
+class Sizer:
+    """Cuts no video differently from `ray.segment_frames` (plan.TailSizer does)."""
+
+    def size(self, task: Task, queued: list[Task], running: list[tuple[Task, float]]) -> Task:
+        return task
+
+    def done(self, status: VideoStatus) -> None:
+        pass
+
+
 class ActorPool:
     """Hands each task (a video, or a segment of a long one) to a free actor; a task whose actor died
     goes back in the queue.
@@ -51,15 +61,14 @@ class ActorPool:
     is done. An actor that died is pinged until it answers again (Ray restarts it) and then takes work
     again; one that has not answered after `max_pings` pings is dropped. A task that killed its actor
     `max_attempts` times is given up as failed (a video's row is `record`ed; workers record the others).
-    `size_task` sets how a whole video about to be handed out is cut, given the tasks still queued.
+    A `sizer` sets how each whole video handed out is cut, from the tasks queued and running.
     """
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
                  record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
-                 stall_timeout_s: float | None = None,
-                 size_task: Callable[[Task, list[Task]], Task] = lambda task, queued: task) -> None:
+                 stall_timeout_s: float | None = None, sizer: Sizer | None = None) -> None:
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
-        self.size_task = size_task
+        self.sizer = sizer or Sizer()
         self.stall_timeout_s = stall_timeout_s
         self.started_at: dict[Ref, float] = {}
         self.killed: set[Ref] = set()
@@ -94,7 +103,9 @@ class ActorPool:
         while self.queue and self.idle:
             task, actor = self.queue.pop(), self.idle.pop()
             if not task.is_segment:
-                task = self.size_task(task, self.queue)
+                now = time.monotonic()
+                task = self.sizer.size(task, self.queue,
+                                       [(t, now - self.started_at[ref]) for ref, (t, _) in self.running.items()])
             self.attempts[task.key] = self.attempts.get(task.key, 0) + 1
             ref = self.backend.submit(actor, task, self.attempts[task.key])
             self.running[ref] = (task, actor)
@@ -152,6 +163,8 @@ class ActorPool:
                 f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
                 f"the decoder); last: {cause}"))
         self.idle.append(actor)
+        if isinstance(result, VideoStatus):
+            self.sizer.done(result)
         if isinstance(result, Split):
             segments = result.tasks()
             log.info("%s: split into %d segments", task.describe(), len(segments))

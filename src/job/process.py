@@ -35,7 +35,7 @@ from job.decode import (
 from job.detect import Detector
 from job.discover import Video
 from job.errors import FetchError, OutputWriteError
-from job.segments import Split, Task, cut_points
+from job.segments import Split, Task, cut_points, snap_cuts
 from job.storage import VideoCache, fingerprint, local_copy
 from job.write import OutputDir, VideoStatus, detections_frame
 
@@ -48,17 +48,24 @@ ProgressCallback = Callable[[int, int], None]
 
 def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
                   on_progress: ProgressCallback | None = None, attempts: int = 1,
-                  cache: VideoCache | None = None, segment_frames: int | None = None) -> VideoStatus | Split:
+                  cache: VideoCache | None = None) -> VideoStatus | Split:
     """Runs one video to its final status, committing detections as it goes; or, for a video longer
-    than `segment_frames` (None: `ray.segment_frames`), or one split before, answers how to split it
-    (nothing processed).
+    than `ray.segment_frames` (or one split before), answers how to split it (nothing processed).
 
     `settings` must be resolved for the detector's device (`config.for_device`).
     Never raises for a bad video: the reason goes into the status's `error`. With a `cache`, an
     object-store video is read from the node's shared copy (else from a copy of its own).
     """
-    return _process(Task(video, segment_frames=segment_frames), settings, output, detector, on_progress, attempts,
-                    cache)
+    return process_task(Task(video), settings, output, detector, on_progress, attempts, cache)
+
+
+def process_task(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
+                 on_progress: ProgressCallback | None = None, attempts: int = 1,
+                 cache: VideoCache | None = None) -> VideoStatus | Split:
+    """A task from the pool: a segment (`process_segment`), or a whole video cut as the task says."""
+    if task.is_segment:
+        return process_segment(task, settings, output, detector, on_progress, attempts, cache)
+    return _process(task, settings, output, detector, on_progress, attempts, cache)
 
 
 def process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
@@ -120,7 +127,7 @@ def _process_local(
         expected = task.end - task.start
     else:
         first, start = 0, output.resume_point(video.video_id, content, video.relative_path)
-        split = _split(video, info, task.segment_frames or settings.ray.segment_frames, output, start)
+        split = _split(task, info, settings.ray.segment_frames, output, start)
         if split is not None:
             return split
         expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
@@ -167,19 +174,26 @@ def _process_local(
     return _finish(output, status, started, task)
 
 
-def _split(video: Video, info: VideoInfo, segment_frames: int | None, output: OutputDir,
+def _split(task: Task, info: VideoInfo, segment_frames: int | None, output: OutputDir,
            start: int) -> Split | None:
     """How to cut a long video (the cuts recorded by an earlier run win), or None to run it whole.
 
     A video an earlier unsplit run has committed parts of is finished whole: new cuts could cross its parts.
     """
+    video = task.video
     recorded = output.recorded_split(video.video_id)
     if recorded:
         return Split(video, tuple(recorded))
     keyframes = keyframe_indices(info)
-    if segment_frames is None or start > 0 or keyframes is None:
+    segment_frames = task.segment_frames or segment_frames
+    if start > 0 or keyframes is None:
         return None
-    bounds = cut_points(keyframes, len(info.frame_pts), segment_frames)
+    if task.cuts is not None:
+        bounds = snap_cuts(keyframes, len(info.frame_pts), task.cuts)
+    elif segment_frames is not None:
+        bounds = cut_points(keyframes, len(info.frame_pts), segment_frames)
+    else:
+        return None
     if len(bounds) <= 2:
         return None
     output.record_split(video.video_id, bounds)

@@ -9,6 +9,7 @@ indices, timestamps and parts stay global, so a split video's output is the unsp
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +23,10 @@ class Task:
     video: Video
     start: int = 0
     end: int | None = None  # None: the whole video
-    # A whole video's segment length, chosen when it is handed out (plan.tail_segment_frames);
-    # None: ray.segment_frames.
+    # How a whole video is cut, chosen when it is handed out (plan.TailSizer): its segment length
+    # (None: ray.segment_frames), or the frames to cut it at (() : run it whole), which win.
     segment_frames: int | None = None
+    cuts: tuple[int, ...] | None = None
 
     @property
     def is_segment(self) -> bool:
@@ -55,22 +57,30 @@ def cut_points(keyframes: np.ndarray, frames: int, segment_frames: int) -> list[
     """Segment bounds [0, ..., frames]: a video of at least 1.5 `segment_frames` is cut into
     round(frames / segment_frames) (at least 2) segments of about equal length, so that no short
     segment is left over and the actors given a video's segments finish them together.
-
-    A cut goes to the keyframe nearest its ideal frame when one is within a quarter segment of it (the
-    segment then starts decoding where it starts); else to the ideal frame itself, and the segment
-    decodes from the keyframe before it, dropping those frames (decoding costs a small fraction of
-    detecting, benchmarks/throughput.md), so videos with few keyframes still split evenly.
     """
     if frames < segment_frames + segment_frames // 2:
         return [0, frames]
     count = max(2, round(frames / segment_frames))
-    length = frames / count
+    return snap_cuts(keyframes, frames, [round(k * frames / count) for k in range(1, count)])
+
+
+def snap_cuts(keyframes: np.ndarray, frames: int, cuts: Sequence[int]) -> list[int]:
+    """Segment bounds [0, ..., frames] from ideal cuts (ascending; those outside the video dropped).
+
+    A cut goes to the keyframe nearest its ideal frame when one is within a quarter of the shorter
+    segment beside it (the segment then starts decoding where it starts); else to the ideal frame
+    itself, and the segment decodes from the keyframe before it, dropping those frames (decoding costs
+    a small fraction of detecting, benchmarks/throughput.md), so videos with few keyframes still split.
+    """
     keys = np.unique(keyframes)
+    ideal = [0, *(c for c in cuts if 0 < c < frames), frames]
     bounds = [0]
-    for k in range(1, count):
-        ideal = round(k * length)
-        near = keys[(keys > bounds[-1]) & (np.abs(keys - ideal) <= length // 4)]
-        bounds.append(int(near[np.argmin(np.abs(near - ideal))]) if near.size else ideal)
+    for before, cut, after in zip(ideal, ideal[1:-1], ideal[2:], strict=False):
+        window = min(cut - before, after - cut) // 4
+        near = keys[(keys > bounds[-1]) & (keys < frames) & (np.abs(keys - cut) <= window)]
+        cut = int(near[np.argmin(np.abs(near - cut))]) if near.size else cut
+        if cut > bounds[-1]:
+            bounds.append(cut)
     return [*bounds, frames]
 
 
