@@ -182,7 +182,7 @@ class TailSizer:
         self.frames_timed, self.seconds_timed = 0, 0.0
 
     def frames(self, task: Task) -> int:
-        return task.end - task.start if task.end is not None else self.frames_by_video.get(task.video.video_id, 0)
+        return task.end - task.start if task.is_segment else self.frames_by_video.get(task.video.video_id, 0)
 
     def done(self, status: VideoStatus) -> None:
         """Learns an actor's speed from a finished task."""

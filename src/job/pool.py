@@ -84,15 +84,15 @@ class ActorPool:
             poll_s: float = 1.0) -> Iterator[VideoStatus]:
         """Yields each video's final status as it completes; `tick` runs at least every `poll_s`."""
         self.queue = [Task(video) for video in reversed(videos)]
+        self._dispatch()
         while self.queue or self.running:
-            self._dispatch()
             finished = []
             for ref in self.backend.wait([*self.running, *self.recovering], poll_s):
                 if ref in self.recovering:
                     self._recovered(ref)
                 else:
                     finished.append(self._completed(ref))
-            self._dispatch()  # a freed actor starts its next task before the caller's and our bookkeeping
+            self._dispatch()  # freed and recovered actors start their next task before the caller's bookkeeping
             yield from (status for status in finished if status is not None)
             if not self.running and not self.idle and self.queue and not self.recovering:
                 raise WorkersCannotStartError("every Ray worker died and none could be restarted")
