@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 import psutil
 import pytest
+from cli import venv_without_the_project
 
 from job.samples import write_video
 
@@ -101,20 +102,8 @@ def test_job_submitted_to_a_two_node_cluster(ray_cluster, weights_path, tmp_path
 
 @pytest.fixture
 def python_without_the_project(tmp_path_factory) -> Path:
-    """A venv whose Python has every dependency but cannot import `job`, like a node image with only the deps.
-
-    It sees this environment's site-packages through a .pth line; the editable install of `job` lives in
-    a .pth *file* of that directory, which Python only runs for its own site directories.
-    """
-    env_dir = tmp_path_factory.mktemp("nodeenv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
-    site = next((env_dir / "lib").glob("python3*/site-packages"))
-    ours = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-    (site / "deps.pth").write_text(f"{ours}\n")
-    python = env_dir / "bin" / "python"
-    probe = subprocess.run([str(python), "-c", "import torch, ray, hydra; import job"], capture_output=True,
-                           text=True, timeout=120, cwd=env_dir)
-    assert "No module named 'job'" in probe.stderr, probe.stderr[-2000:]
+    """A Python with every dependency but not `job`, like a node image with only the deps."""
+    python, _ = venv_without_the_project(tmp_path_factory.mktemp("nodeenv"))
     return python
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile.gpu"
@@ -45,4 +47,11 @@ def test_image_is_pinned_cuda_pytorch_and_runs_the_job():
         if keyword == "COPY":
             for source in rest.split()[:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    assert any(keyword == "RUN" and "pip install" in rest and "-e ." in rest for keyword, rest in steps)
+    copied = {source for keyword, rest in steps if keyword == "COPY" for source in rest.split()[:-1]}
+    assert {"pyproject.toml", "setup.py", "src", "configs"} <= copied, "everything the build reads"
+    (install,) = [rest for keyword, rest in steps if keyword == "RUN" and "pip install" in rest]
+    assert " -e " not in f" {install} ", "a non-editable install, as users of the image get from any index"
+    (requirement,) = re.findall(r'"\.\[([^\]]*)\]"', install)
+    assert set(requirement.split(",")) >= {"s3", "gcs", "track"}
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(requirement.split(",")) <= set(extras), "every extra the image asks for exists"

@@ -11,17 +11,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from cli import run_cli
 
 from job.samples import write_video
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, timeout=timeout,
-                            cwd=cwd, env=env)
-    result.output = result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -71,30 +63,6 @@ def test_someone_elses_directory_is_refused_and_untouched(tmp_path, videos):
     assert "already holds files this job did not write (predictions, videos.parquet)" in result.output
     assert sorted(p.name for p in theirs.iterdir()) == ["predictions", "videos.parquet"]
     assert (theirs / "videos.parquet").read_bytes() == b"the user's own table"
-
-
-@pytest.mark.slow
-def test_a_non_editable_install_finds_its_config(tmp_path):
-    """`pip install .` then `python -m job` from another directory (configs ship as package data)."""
-    import shutil
-
-    source = tmp_path / "source"  # a copy, so the build leaves nothing (build/) in the checkout
-    for name in ("src", "configs"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
-    assert (target / "job" / "configs" / "model" / "fcos_resnet50_fpn.yaml").exists()
-    env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install
-    where = subprocess.run([sys.executable, "-c", "import job; print(job.__file__)"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, check=True)
-    assert where.stdout.startswith(str(target))
-    result = run_cli("--help", cwd=tmp_path, env=env)
-    assert result.returncode == 0 and "job: find every object" in result.output, result.output
-    result = run_cli("video_dir=/nowhere", "output_dir=out", "model=fcos_resnet50_fpn", cwd=tmp_path, env=env)
-    assert result.returncode == 2 and "video_dir=/nowhere does not exist" in result.output, result.output
 
 
 @pytest.mark.slow

@@ -376,11 +376,19 @@ def detections_frame(
 
 
 def scan_predictions(output_dir: str, storage_options: dict[str, str] | None = None) -> pl.LazyFrame:
-    """All detections, with video_id from the Hive partition; the way users read the output."""
+    """All detections, with video_id from the partition directory; the way users read the output.
+
+    video_id is taken from the part's own directory, not by Hive parsing of the whole path: polars reads
+    every `key=value` directory as a partition, and a sweep's run directories (`score_threshold=0.25`)
+    would then be columns the schema does not know.
+    """
     return pl.scan_parquet(
         f"{output_dir}/{PREDICTIONS}/**/*.parquet",
-        hive_partitioning=True,
-        hive_schema={"video_id": pl.String},
+        hive_partitioning=False,
         schema=PREDICTION_SCHEMA,
         storage_options=storage_options,
+        include_file_paths="_part_path",
+    ).select(
+        pl.exclude("_part_path"),
+        pl.col("_part_path").str.extract(r"video_id=([^/]+)/[^/]+$").alias("video_id"),
     )
