@@ -5,11 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, timeout=120)
-    result.output = result.stdout + result.stderr
-    return result
+from cli import run_cli
 
 
 def test_an_impossible_value_is_one_line_and_exit_2(tmp_path):
@@ -21,12 +17,25 @@ def test_an_impossible_value_is_one_line_and_exit_2(tmp_path):
 
 def test_what_hydra_cannot_compose_exits_2_with_hydras_reason(tmp_path):
     """An unknown preset or a value of the wrong type is a setting to fix too, not a bug."""
-    for setting, reason in (("tracker=foo", "Could not find 'tracker/foo'"),
-                            ("batch_size=abc", "could not be converted to Integer")):
+    for setting, reason in (
+        ("tracker=foo", "Could not find 'tracker/foo': choose one of bytetrack, ocsort, sort"),
+        ("batch_size=abc", "batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("scor_threshold=0.3", "unknown setting scor_threshold: check its spelling (python -m job --help"),
+        ("ray.num_actor=2", "unknown setting ray.num_actor: check its spelling"),
+    ):
         result = run_cli(f"video_dir={tmp_path}", f"output_dir={tmp_path / 'out'}", setting,
                          f"hydra.run.dir={tmp_path / 'hydra'}")
         assert result.returncode == 2, result.output
-        assert reason in result.output and "Traceback" not in result.output
+        assert result.output.strip() == result.output.strip().splitlines()[0], f"one line: {result.output}"
+        assert reason in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_reports_misspelt_key_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(f"output_dir={tmp_path}", "preview_second=3", module="job.report")
+    assert result.returncode == 2, result.output
+    assert result.output.strip() == ("unknown setting preview_second: check its spelling "
+                                     "(python -m job.report --help lists the settings)")
 
 
 def test_a_missing_video_dir_is_one_line_and_exit_2(tmp_path):

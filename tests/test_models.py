@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from cli import run_cli
 
 from job.config import ModelConfig
 from job.detect import Detector
@@ -124,14 +124,9 @@ def test_checkpoints_are_never_unpickled_unsafely(tmp_path):
         read_checkpoint(str(path))
 
 
-def run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "job", f"hydra.run.dir={tmp_path / 'hydra'}", "score_threshold=0.3", "device=cpu",
-         "ray.num_cpus=2", *args],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    result.output = result.stdout + result.stderr
-    return result
+def run_job(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli(f"hydra.run.dir={tmp_path / 'hydra'}", "score_threshold=0.3", "device=cpu", "ray.num_cpus=2",
+                   *args, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +152,7 @@ def test_what_does_not_fit_stops_at_start_up_with_one_line_and_writes_nothing(ca
         "not a checkpoint": "is not a PyTorch checkpoint",
     }[case]
     out = tmp_path / "out"
-    result = run_cli(tmp_path, f"video_dir={one_video}", f"output_dir={out}", *args)
+    result = run_job(tmp_path, f"video_dir={one_video}", f"output_dir={out}", *args)
     assert result.returncode == 2, result.output[-3000:]
     assert expected in result.output and "Traceback" not in result.output
     assert not (out / "predictions").exists()
@@ -197,7 +192,7 @@ def test_a_plug_in_detector_runs_through_the_job(tmp_path):
     write_video(tmp_path / "in" / "square.mp4", square_frames, size=size)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "out"
-    result = run_cli(tmp_path, f"video_dir={tmp_path / 'in'}", f"output_dir={out}", "model._target_=plugins.build",
+    result = run_job(tmp_path, f"video_dir={tmp_path / 'in'}", f"output_dir={out}", "model._target_=plugins.build",
                      "+model.builder_args.level=0.8", "ray.num_actors=1", env=env)
     assert result.returncode == 0, result.output[-3000:]
     preds = pl.read_parquet(out / "predictions").sort("frame_index")

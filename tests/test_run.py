@@ -9,6 +9,7 @@ import sys
 
 import polars as pl
 import pytest
+from cli import run_cli
 from media import make_awkward_set
 
 from job import write
@@ -108,21 +109,6 @@ def test_cli_runs_with_hydra_overrides_and_logs_a_summary(awkward_dir, weights_p
     assert "summary: 2 videos: 1 ok, 0 partial, 1 failed" in log
     assert "zero.mp4: failed: empty file (0 bytes)" in result.stderr + log
     assert "frame/s" in result.stderr  # the progress bar
-
-
-def test_cli_rejects_a_misspelt_key(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "job", "video_dir=/v", f"output_dir={tmp_path}", "scor_threshold=0.3"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode != 0
-    assert "scor_threshold" in result.stderr
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, timeout=timeout)
-    result.output = result.stdout + result.stderr
-    return result
 
 
 def test_cli_stops_with_one_clear_error_when_the_model_cannot_load(awkward_dir, tmp_path):

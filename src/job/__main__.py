@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from job import hydra_cli
 from job.config import load, register_configs
 from job.errors import JobError
 
@@ -29,15 +30,11 @@ CONFIG_PATH = ("pkg://job.configs" if importlib.util.find_spec("job.configs")
                else str(Path(__file__).resolve().parents[2] / "configs"))
 
 
-_composed = False  # whether Hydra got as far as calling main: if not, its exit 1 is a setting to fix
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
     from job.run import run
 
-    global _composed
-    _composed = True
+    hydra_cli.composed()
     try:
         settings = load(cfg)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -58,14 +55,9 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """main, with Hydra's own errors (an unknown preset such as model=foo, a value of the wrong type;
-    it has printed what it could not compose) given the exit code of a setting to fix."""
-    try:
-        main()
-    except SystemExit as exc:
-        if exc.code == 1 and not _composed:
-            sys.exit(2)
-        raise
+    """main, with Hydra's own errors (an unknown key or preset, a value of the wrong type) one line and
+    the exit code of a setting to fix."""
+    hydra_cli.run(main, "python -m job")
     _exit_now(0)
 
 

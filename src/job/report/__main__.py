@@ -8,21 +8,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from job import hydra_cli
 from job.__main__ import CONFIG_PATH
 from job.config import load_report, register_configs
 from job.errors import JobError
 
 log = logging.getLogger("job.report")
 register_configs()
-_composed = False
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
 def main(cfg: DictConfig) -> None:
     from job.report import make_report
 
-    global _composed
-    _composed = True
+    hydra_cli.composed()
     try:
         index = make_report(load_report(cfg))
     except JobError as exc:
@@ -35,9 +34,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as exc:
-        if exc.code == 1 and not _composed:  # Hydra could not compose the config: a setting to fix
-            sys.exit(2)
-        raise
+    hydra_cli.run(main, "python -m job.report")
