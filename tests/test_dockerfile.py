@@ -51,7 +51,7 @@ def test_image_is_pinned_cuda_pytorch_and_runs_the_job():
     assert {"pyproject.toml", "setup.py", "src", "configs"} <= copied, "everything the build reads"
     (install,) = [rest for keyword, rest in steps if keyword == "RUN" and "pip install" in rest]
     assert " -e " not in f" {install} ", "a non-editable install, as users of the image get from any index"
-    (requirement,) = re.findall(r'"\.\[([^\]]*)\]"', install)
+    (requirement,) = re.findall(r'"\./\[([^\]]*)\]"', install)
     assert set(requirement.split(",")) >= {"s3", "gcs", "track"}
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(requirement.split(",")) <= set(extras), "every extra the image asks for exists"

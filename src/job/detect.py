@@ -17,6 +17,27 @@ from job.models import build, resolve
 
 log = logging.getLogger(__name__)
 
+# Inference on CPU runs on one intra-op thread, whatever CPUs the actor has: torch splits a convolution's
+# sums among its threads, so another thread count adds in another order and moves boxes (a box near the
+# threshold can appear or vanish). With it fixed, a video's detections are the same bytes under any
+# layout, batch size, split or resume; parallelism comes from actors and segments (benchmarks/determinism.md).
+CPU_INFERENCE_THREADS = 1
+
+
+def make_inference_repeatable(device: torch.device, cpus: int) -> None:
+    """Settings that make this process's detections repeatable, for its device (`cpus`: what it was given).
+
+    CPU: a fixed intra-op thread count. CUDA: cuDNN's deterministic kernels and no autotuning (which
+    picks kernels by timing, so differently from run to run); the host threads then only feed the GPU.
+    """
+    if device.type == "cpu":
+        torch.set_num_threads(CPU_INFERENCE_THREADS)
+    else:
+        torch.set_num_threads(max(1, cpus))
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
 @dataclass
 class Detections:
     """One frame's detections, on the CPU, in displayed-frame pixels clipped to the frame."""

@@ -130,10 +130,11 @@ class VideoWorker:
         import torch
 
         from job.config import for_device
-        from job.detect import Detector
+        from job.detect import CPU_INFERENCE_THREADS, Detector, make_inference_repeatable
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        torch.set_num_threads(threads)  # torch's pool sized to the CPUs Ray gave this actor
+        torch.set_num_threads(CPU_INFERENCE_THREADS)  # the model is built as it will run (CPU unless CUDA)
+        self.threads = threads  # the CPUs Ray gave this actor: the decoder's
         # Looked up by name: a handle argument would live in the object store, which restarts need intact.
         self.progress = ray.get_actor(progress_actor)
         # What the user must fix (weights, device, plug-in) is reported by `ready`, not raised here:
@@ -144,6 +145,7 @@ class VideoWorker:
         except JobError as exc:
             self.startup_error = str(exc)
             return
+        make_inference_repeatable(self.detector.device, threads)
         self.settings = for_device(cfg, self.detector.device.type)
         self.output = OutputDir(cfg.output_dir)
         # One directory per run and node, shared by the run's workers there.
@@ -168,7 +170,8 @@ class VideoWorker:
         report = BatchedProgress(self.progress, video_id=task.key)
         report.flush(heartbeat=True)  # the task has started: its stall clock starts now
         try:
-            return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache)
+            return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache,
+                                decode_threads=self.threads)
         finally:
             report.flush()
 

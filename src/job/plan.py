@@ -123,8 +123,8 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
         frames += math.ceil(count / frame_stride)
         if count:
             frames_by_video[video.video_id] = count
-        if segment_frames:
-            units += max(0, count // segment_frames - 1)
+        if segment_frames:  # the pieces the pool may cut it into (`TailSizer`): the last videos are cut short
+            units += max(0, count // min(segment_frames, MIN_SEGMENT_FRAMES) - 1)
     return WorkEstimate(frames, units, frames_by_video)
 
 
@@ -272,7 +272,9 @@ def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float]
 
     On GPUs: one actor per `gpus_per_actor` share, with `cpus_per_actor` (null: 2) CPUs each for
     decoding. On CPUs only, by default one actor per CPU (faster than fewer actors with more threads:
-    benchmarks/long_video.md), or fewer actors sharing every CPU when there are fewer units of work.
+    benchmarks/long_video.md; and the model runs on one thread whatever the layout, so that results do
+    not depend on it: `detect.CPU_INFERENCE_THREADS`), or fewer actors sharing every CPU (for decoding)
+    when there are fewer units of work.
     """
     gpus = resources.get("GPU", 0.0) if device != Device.cpu else 0.0
     cpus = resources.get("CPU", 1.0)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import numpy as np
-import torch
 
 from job.config import JobConfig, OutputConfig
 from job.decode import (
@@ -48,7 +47,7 @@ ProgressCallback = Callable[[int, int], None]
 
 def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
                   on_progress: ProgressCallback | None = None, attempts: int = 1,
-                  cache: VideoCache | None = None) -> VideoStatus | Split:
+                  cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus | Split:
     """Runs one video to its final status, committing detections as it goes; or, for a video longer
     than `ray.segment_frames` (or one split before), answers how to split it (nothing processed).
 
@@ -56,34 +55,41 @@ def process_video(video: Video, settings: JobConfig, output: OutputDir, detector
     Never raises for a bad video: the reason goes into the status's `error`. With a `cache`, an
     object-store video is read from the node's shared copy (else from a copy of its own).
     """
-    return process_task(Task(video), settings, output, detector, on_progress, attempts, cache)
+    return process_task(Task(video), settings, output, detector, on_progress, attempts, cache,
+                        decode_threads=decode_threads)
 
 
 def process_task(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
                  on_progress: ProgressCallback | None = None, attempts: int = 1,
-                 cache: VideoCache | None = None) -> VideoStatus | Split:
-    """A task from the pool: a segment (`process_segment`), or a whole video cut as the task says."""
+                 cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus | Split:
+    """A task from the pool: a segment (`process_segment`), or a whole video cut as the task says.
+
+    `decode_threads`: the CPUs the decoder may use (the actor's); the model's own thread count is fixed
+    apart from them (`detect.CPU_INFERENCE_THREADS`), so results never depend on the layout.
+    """
     if task.is_segment:
-        return process_segment(task, settings, output, detector, on_progress, attempts, cache)
-    return _process(task, settings, output, detector, on_progress, attempts, cache)
+        return process_segment(task, settings, output, detector, on_progress, attempts, cache,
+                               decode_threads=decode_threads)
+    return _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads)
 
 
 def process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
                     on_progress: ProgressCallback | None = None, attempts: int = 1,
-                    cache: VideoCache | None = None) -> VideoStatus:
+                    cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus:
     """Runs the frames [task.start, task.end) of a split video, resuming after its committed parts;
     its status is recorded as the segment's (the driver merges a video's segments into its row)."""
     done = output.read_segment_status(task.video.video_id, task.start)
     if done is not None:  # finished by an earlier run
         done.frames_this_run = 0
         return done
-    result = _process(task, settings, output, detector, on_progress, attempts, cache)
+    result = _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads)
     assert isinstance(result, VideoStatus)
     return result
 
 
 def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
-             on_progress: ProgressCallback | None, attempts: int, cache: VideoCache | None) -> VideoStatus | Split:
+             on_progress: ProgressCallback | None, attempts: int, cache: VideoCache | None,
+             decode_threads: int) -> VideoStatus | Split:
     video = task.video
     try:
         content = fingerprint(video.path)
@@ -91,7 +97,8 @@ def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detec
         content = None  # unreadable: probe says why
     try:
         with cache.local_copy(video.path, content) if cache else local_copy(video.path) as path:
-            return _process_local(task, path, settings, output, detector, content, on_progress, attempts)
+            return _process_local(task, path, settings, output, detector, content, on_progress, attempts,
+                                  decode_threads)
     except FetchError as exc:  # the object store would not give us the video
         status = _new_status(task, detector, attempts)
         status.error, status.retryable = f"cannot fetch the video: {exc}", True
@@ -107,6 +114,7 @@ def _process_local(
     content: str | None,
     on_progress: ProgressCallback | None = None,
     attempts: int = 1,
+    decode_threads: int = 1,
 ) -> VideoStatus | Split:
     video = task.video
     on_progress = on_progress or (lambda done, expected: None)
@@ -139,7 +147,7 @@ def _process_local(
     failure = None
     try:
         batches = iter_batches(path, info, settings.batch_size, stride, start, settings.decoder.value, progress,
-                               threads=torch.get_num_threads(), end_frame=task.end)
+                               threads=decode_threads, end_frame=task.end)
         for batch in prefetch(batches, settings.prefetch_batches):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
