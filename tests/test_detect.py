@@ -211,15 +211,41 @@ def test_batchnorm_is_folded_away(weights_path):
 @pytest.mark.slow
 def test_compiled_model_gives_the_same_detections(weights_path, decoded_frames):
     """model.compile=true (torch.compile of backbone and head) changes speed, not results."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
     eager = cpu_detector(MODEL, weights_path, THRESHOLD)
     compiled = cpu_detector(MODEL, weights_path, THRESHOLD, compile=True)
+    assert isinstance(compiled.model.backbone, OptimizedModule) and isinstance(compiled.model.head, OptimizedModule)
     frames = decoded_frames[:4]
+    graphs = counters["stats"]["unique_graphs"]
     found = 0
-    for mine, theirs in zip(compiled(frames), eager(frames)):
+    compiled_detections = compiled(frames)
+    assert counters["stats"]["unique_graphs"] > graphs, "the compiled modules are what ran"
+    for mine, theirs in zip(compiled_detections, eager(frames)):
         assert_same_detections(mine, {"boxes": theirs.boxes, "scores": theirs.scores, "labels": theirs.labels},
                                THRESHOLD)
         found += len(mine.scores)
     assert found > 0
+
+
+def convolution_dtypes(detector, frames) -> set[torch.dtype]:
+    """The dtypes the model's convolutions computed in, for these frames."""
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for m in detector.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        detector(frames)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_precision_setting_is_what_the_convolutions_compute_in(weights_path, decoded_frames, precision, dtype):
+    detector = cpu_detector(MODEL, weights_path, THRESHOLD, precision=Precision(precision))
+    assert convolution_dtypes(detector, decoded_frames[:1]) == {dtype}
 
 
 def matched_fraction(reference, other, threshold, margin=0.05, min_iou=0.9):
@@ -237,7 +263,9 @@ def matched_fraction(reference, other, threshold, margin=0.05, min_iou=0.9):
 def test_fp16_keeps_the_promised_share_of_fp32_detections(weights_path, decoded_frames):
     """The tolerance benchmarks/gpu.md promises for model.precision=fp16, checked with CPU autocast."""
     fp32 = cpu_detector(MODEL, weights_path, THRESHOLD)(decoded_frames)
-    fp16 = cpu_detector(MODEL, weights_path, THRESHOLD, precision=Precision.fp16)(decoded_frames)
+    half = cpu_detector(MODEL, weights_path, THRESHOLD, precision=Precision.fp16)
+    assert convolution_dtypes(half, decoded_frames[:1]) == {torch.float16}, "autocast reached the model"
+    fp16 = half(decoded_frames)
     share, total = matched_fraction(fp32, fp16, THRESHOLD)
     assert total >= 20
     assert share >= 0.9, share

@@ -136,6 +136,7 @@ def one_video(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["wrong class count", "another architecture", "not a checkpoint"])
 def test_what_does_not_fit_stops_at_start_up_with_one_line_and_writes_nothing(case, tmp_path, one_video,
                                                                              three_class_ssdlite):

@@ -23,7 +23,6 @@ from job import write
 from job.run import run
 from job.samples import write_video
 
-pytestmark = pytest.mark.slow
 BUCKET = "job-test-bucket"
 SETTINGS = ["batch_size=4", "output.commit_every_frames=8"]
 
@@ -116,6 +115,7 @@ def part_keys(client, prefix: str) -> list[str]:
     return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".parquet")]
 
 
+@pytest.mark.slow
 def test_s3_in_and_out_with_a_kill_and_resume(ray_session, s3, make_cfg, weights_path, tmp_path):
     client, env, local_videos = s3
     clean = tmp_path / "clean"
@@ -153,6 +153,7 @@ def test_s3_in_and_out_with_a_kill_and_resume(ray_session, s3, make_cfg, weights
     assert (tmp_path / "outputs").is_dir()  # Hydra's log goes to a local dir when output_dir is a URI
 
 
+@pytest.mark.slow
 def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3, make_cfg, weights_path, tmp_path):
     """A missing object fails its own video with the store's reason; the output on disk is untouched."""
     from job.config import ModelConfig, for_device
@@ -170,6 +171,7 @@ def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3,
     assert OutputDir(tmp_path / "out").read_status(gone.video_id) == row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_of_runs_starting_at_the_same_moment_on_an_object_store_exactly_one_gets_the_lease(scheme, request):
     """The store's conditional PUT, not check-then-write: with 4 starters released together, one wins each time."""
@@ -199,6 +201,7 @@ def test_of_runs_starting_at_the_same_moment_on_an_object_store_exactly_one_gets
         held[0].release()
 
 
+@pytest.mark.slow
 def test_the_report_of_an_s3_output_reads_the_videos_from_s3_and_writes_beside_the_results(s3, weights_path,
                                                                                           tmp_path):
     from job.config import ReportConfig
@@ -217,6 +220,7 @@ def test_the_report_of_an_s3_output_reads_the_videos_from_s3_and_writes_beside_t
         for name in ("preview.mp4", "timeline.png", "sheet.jpg")}
 
 
+@pytest.mark.slow
 def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3, weights_path, tmp_path):
     client, env, _ = s3
     local = tmp_path / "long"
@@ -243,6 +247,7 @@ def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3,
     assert row.select("status", "frame_count", "detections").row(0) == ("ok", 48, theirs.height)
 
 
+@pytest.mark.slow
 def test_gcs_in_and_out_equals_the_local_result(gcs, make_cfg, weights_path, tmp_path):
     """The job on gs:// (videos fetched by the actors, parts and tables written) as on a local disk."""
     import pyarrow.dataset
@@ -308,3 +313,26 @@ def test_the_workers_of_a_node_share_one_copy_of_an_object_store_video(s3, tmp_p
     assert not [p for p in (tmp_path / "cache" / "run").iterdir() if p.name.endswith(".tmp")]
     cache.clear()
     assert not (tmp_path / "cache" / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_store_failing_one_request_in_twenty_gives_exactly_a_clean_runs_rows(s3, weights_path, tmp_path):
+    """503 SlowDown, 500 and connection resets, one request in twenty or more (in outages of a second,
+    which a client giving up after 3 quick tries does not live through), in front of the local S3 server:
+    retried with backoff, the run ends with a clean run's rows."""
+    from faults import FlakyProxy
+
+    client, env, local_videos = s3
+    clean = tmp_path / "clean"
+    run_job(local_videos, clean, weights_path, env, tmp_path)
+    with FlakyProxy(env["AWS_ENDPOINT_URL"], every=40, outage_s=4.0) as proxy:
+        run_job(f"s3://{BUCKET}/videos", f"s3://{BUCKET}/flaky", weights_path,
+                {**env, "AWS_ENDPOINT_URL": proxy.url}, tmp_path)
+    assert proxy.failed >= proxy.requests / 20, (proxy.failed, proxy.requests)  # one in twenty at least
+    ours = write.scan_predictions(f"s3://{BUCKET}/flaky").collect().sort("video_id", "frame_index", "class_id", "x1")
+    theirs = write.scan_predictions(str(clean)).collect().sort("video_id", "frame_index", "class_id", "x1")
+    assert ours.height > 0 and ours.equals(theirs)
+    columns = ["path", "status", "error", "frame_count", "frames_processed", "detections"]
+    videos = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="flaky/videos.parquet")["Body"].read())
+    assert videos.select(columns).sort("path").equals(pl.read_parquet(clean / "videos.parquet").select(columns)
+                                                      .sort("path"))

@@ -103,8 +103,11 @@ def test_prefetch_is_bounded_and_propagates_errors():
     assert next(stream) == 0
     import time
 
+    deadline = time.monotonic() + 10
+    while len(produced) < 4 and time.monotonic() < deadline:  # it reads ahead without being asked...
+        time.sleep(0.01)
     time.sleep(0.3)
-    assert len(produced) <= 4  # one consumed, two queued, one waiting to be put
+    assert len(produced) == 4  # ...up to its bound: one consumed, two queued, one waiting to be put
     with pytest.raises(RuntimeError, match="decoder exploded"):
         list(stream)
 

@@ -22,8 +22,6 @@ from job.report import make_report, timeline
 from job.run import run
 from job.samples import write_video
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory, ray_session, weights_path):
@@ -64,6 +62,7 @@ def decoded(path: Path) -> tuple[np.ndarray, torch.Tensor]:
     return np.concatenate([b.timestamps_s for b in batches]), torch.cat([b.frames for b in batches])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["street.mp4", "phone.mp4"])
 def test_preview_draws_the_tables_boxes_and_leaves_the_rest_of_the_frame_alone(report_run, name):
     videos, out = report_run
@@ -99,6 +98,7 @@ def test_preview_draws_the_tables_boxes_and_leaves_the_rest_of_the_frame_alone(r
     assert changed_on_boxes and np.median(changed_on_boxes) > 20, "the boxes' edges must be drawn"
 
 
+@pytest.mark.slow
 def test_the_timeline_plots_the_tables_counts(report_run):
     videos, out = report_run
     row = row_of(out, "street.mp4")
@@ -133,6 +133,7 @@ class Links(HTMLParser):
             self.ids.add(attrs["id"])
 
 
+@pytest.mark.slow
 def test_every_link_of_the_page_exists_and_every_video_is_listed_with_its_reason(report_run):
     _, out = report_run
     page = (out / "report" / "index.html").read_text()
@@ -155,6 +156,7 @@ def test_every_link_of_the_page_exists_and_every_video_is_listed_with_its_reason
         f'href="#{moved["video_id"]}"' not in page
 
 
+@pytest.mark.slow
 def test_the_page_counts_detections_and_distinct_objects_per_class(report_run):
     _, out = report_run
     page = (out / "report" / "index.html").read_text()
@@ -170,6 +172,7 @@ def test_the_page_counts_detections_and_distinct_objects_per_class(report_run):
             in classes, name
 
 
+@pytest.mark.slow
 def test_the_page_renders_in_headless_chromium_with_the_videos_table(report_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

@@ -22,7 +22,6 @@ from job.errors import ConfigError
 from job.run import run
 from job.samples import scene, write_video
 
-pytestmark = pytest.mark.slow
 TRACKS_SCAN = "tracks/**/*.parquet"
 SORT = ["video_id", "frame_index", "x1", "y1", "class_id"]
 # The library's defaults except the two score thresholds, lowered to the test model's scores (0.25-0.75).
@@ -85,6 +84,7 @@ def by_hand(rows: pl.DataFrame, times: list[float], stride: int, fps: float) -> 
                               .alias("track_id")).drop("key")
 
 
+@pytest.mark.slow
 def test_track_ids_partition_the_detections_as_the_library_does(ray_session, video_dir, make_cfg, tmp_path):
     out = tmp_path / "out"
     run(make_cfg(video_dir, *TRACKER, "frame_stride=2"))
@@ -130,6 +130,7 @@ def test_two_boxes_crossing_paths_keep_their_ids():
     assert confirmed["track_id"].n_unique() == 2 and confirmed.height >= 2 * 38
 
 
+@pytest.mark.slow
 def test_tracks_are_added_to_an_existing_output_without_detecting_again(ray_session, video_dir, make_cfg,
                                                                         tmp_path):
     out, reference = tmp_path / "out", tmp_path / "reference"
@@ -173,6 +174,7 @@ def test_tracker_without_the_library_stops_at_start_up_with_the_install_command(
     assert not (tmp_path / "out" / "_state").exists()  # nothing written but the log
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_tracks_of_a_clean_run(ray_session, video_dir, make_cfg, weights_path,
                                                                   tmp_path):
     from conftest import THRESHOLD
@@ -200,6 +202,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_tracks_of_a_clean_run(ray_session,
         pl.read_parquet(clean / "videos.parquet").select(counts))
 
 
+@pytest.mark.slow
 def test_tracks_without_their_record_are_made_again(ray_session, video_dir, make_cfg, tmp_path):
     """What a kill between a video's tracks file and its record leaves: the rerun makes that video's tracks again."""
     out = tmp_path / "out"

@@ -130,7 +130,8 @@ def iter_batches(
         return index >= start_frame and index % frame_stride == 0
 
     if decoder == "pyav" or not _decord_reads_right(info) or end_frame is not None:
-        frames = _pyav_frames(path, info, wanted, progress, threads, start_frame, end_frame)
+        frames = _counted(_pyav_frames(path, info, wanted, progress, threads, start_frame, end_frame), progress,
+                          "pyav")
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
         frames = _decord_then_pyav(path, info, wanted, start_frame, window, progress, threads)
@@ -152,6 +153,7 @@ class DecodeProgress:
     frames_decoded: int = 0
     stopped: bool = False  # decord met data it could not decode
     problems: list[str] = field(default_factory=list)  # damage met, in the order it was met
+    frames_by_decoder: dict[str, int] = field(default_factory=dict)  # frames handed on, by who decoded them
 
     @property
     def damage(self) -> str | None:
@@ -210,7 +212,7 @@ def _decord_then_pyav(
     than the default does."""
     shape = (info.height, info.width, 3)
     handover = None
-    for index, frame in _decord_frames(path, wanted, start, window, progress, threads):
+    for index, frame in _counted(_decord_frames(path, wanted, start, window, progress, threads), progress, "decord"):
         if frame.shape != shape:
             handover = index
             break
@@ -220,8 +222,17 @@ def _decord_then_pyav(
     handover = progress.frames_decoded if handover is None else handover
     progress.stopped = False
     rest = DecodeProgress()
-    yield from _pyav_frames(path, info, lambda i: i >= handover and wanted(i), rest, threads, 0, None)
+    yield from _counted(_pyav_frames(path, info, lambda i: i >= handover and wanted(i), rest, threads, 0, None),
+                        progress, "pyav")
     progress.frames_decoded, progress.problems = rest.frames_decoded, rest.problems
+
+
+def _counted(frames: Iterator[tuple[int, torch.Tensor]], progress: DecodeProgress,
+             decoder: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """`frames`, counted in `progress.frames_by_decoder` (which decoder really decoded: decord hands over)."""
+    for item in frames:
+        progress.frames_by_decoder[decoder] = progress.frames_by_decoder.get(decoder, 0) + 1
+        yield item
 
 
 def _decord_frames(

@@ -37,12 +37,14 @@ class Lease:
 
     def acquire(self) -> Lease:
         for _ in range(2):  # the second try follows taking over a dead holder's lease
-            if self.store.create_exclusive(LEASE, self._record()):
+            created = self.store.create_exclusive(LEASE, self._record())
+            current = None if created else self.store.get(LEASE)
+            other = json.loads(current) if current else None
+            # A conditional PUT retried after its answer was lost finds the lease its first try created.
+            if created or (other is not None and other.get("run") == self.holder["run"]):
                 self._renewer = threading.Thread(target=self._renew, name="lease", daemon=True)
                 self._renewer.start()
                 return self
-            current = self.store.get(LEASE)
-            other = json.loads(current) if current else None
             if other is not None and not self._is_dead(other):
                 raise OutputBusyError(
                     f"output_dir={self.store.location} is being written by another run (host {other['host']}, "

@@ -26,6 +26,10 @@ from job.errors import FetchError, OutputNotWritableError, OutputWriteError
 
 # Local writes are staged here, outside the directories readers list (uniquely named: never shared).
 TMP_DIR = "_state/tmp"
+# Object-store requests that fail as stores do now and then (HTTP 500/503, throttling, a connection reset)
+# are retried this many times in all, with the AWS SDK's exponential backoff and jitter (pyarrow's and
+# boto3's "standard" mode): bounded, so a store that is really down still stops the run.
+STORE_ATTEMPTS = 10
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -47,7 +51,21 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
         endpoint_scheme, _, host = emulator.rpartition("://")
         return pafs.GcsFileSystem(anonymous=True, scheme=endpoint_scheme or "http", endpoint_override=host), rest
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    if isinstance(fs, pafs.S3FileSystem):
+        fs = _s3_with_retries(fs.region)
     return fs, rest
+
+
+def _s3_with_retries(region: str) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem as `from_uri` builds it (endpoint from AWS_ENDPOINT_URL, the bucket's
+    region), retrying up to STORE_ATTEMPTS times instead of 3."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {}
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        options = {"endpoint_override": host, "scheme": scheme or "https"}
+    return pafs.S3FileSystem(region=region, retry_strategy=pafs.AwsStandardS3RetryStrategy(STORE_ATTEMPTS),
+                             **options)
 
 
 def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
@@ -57,12 +75,14 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     """
     try:
         import boto3
+        from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         return None
     bucket, key = path.split("/", 1)
+    retries = Config(retries={"mode": "standard", "max_attempts": STORE_ATTEMPTS})
     try:
-        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        boto3.client("s3", config=retries).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
             return False
