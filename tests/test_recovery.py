@@ -227,3 +227,68 @@ def test_a_second_run_into_the_same_output_dir_stops_naming_the_first(video_dir,
             kill_tree(first)
     assert_same_results(out, clean_run)
     assert not (out / "_state" / "lease.json").exists(), "released at the end"
+
+
+# Loaded by every Python process of the run (PYTHONPATH): a decoder that segfaults on one file, a few
+# packets into it, as a bug in a native decoder does.
+CRASHING_DECODER = '''
+import os, signal
+import av
+
+_open = av.open
+
+
+class _Container:
+    def __init__(self, container, crash):
+        self._container, self._crash = container, crash
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def demux(self, *args, **kwargs):
+        for count, packet in enumerate(self._container.demux(*args, **kwargs)):
+            if self._crash and count == 5:
+                os.kill(os.getpid(), signal.SIGSEGV)
+            yield packet
+
+
+def _crashing_open(path, *args, **kwargs):
+    return _Container(_open(path, *args, **kwargs), "crash" in os.path.basename(str(path)))
+
+
+av.open = _crashing_open
+'''
+
+
+def test_a_worker_that_segfaults_while_decoding_costs_that_video_its_retries_and_nothing_else(
+        video_dir, clean_run, weights_path, tmp_path):
+    import os
+    import shutil
+
+    videos = tmp_path / "videos"
+    shutil.copytree(video_dir, videos)
+    write_video(videos / "crash.mp4", 24, size=(320, 240))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(CRASHING_DECODER)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
+    command = job_command(videos, out, weights_path, tmp_path / "hydra") + ["ray.max_video_attempts=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pl.read_parquet(out / "videos.parquet")
+    crashed = table.filter(pl.col("path") == "crash.mp4").row(0, named=True)
+    assert crashed["status"] == "failed" and crashed["attempts"] == 2, crashed
+    assert "the worker process died on this video 2 times" in crashed["error"], crashed["error"]
+    assert "Fatal Python error: Segmentation fault" in result.stderr  # the crash, named in the run's log
+    others = table.filter(pl.col("path") != "crash.mp4").select("path", "status", "frame_count", "detections")
+    reference = pl.read_parquet(clean_run / "videos.parquet").select("path", "status", "frame_count", "detections")
+    assert others.sort("path").equals(reference.sort("path"))
+    assert sorted_predictions(out).filter(pl.col("video_id").str.starts_with("clip")).equals(
+        sorted_predictions(clean_run))

@@ -160,8 +160,8 @@ class ActorPool:
                 self.queue.append(task)
                 return None
             return self._give_up(task, tries, (
-                f"the worker process died on this video {tries} times (killed, out of memory or crashed in "
-                f"the decoder); last: {cause}"))
+                f"the worker process died on this video {tries} times: it crashed (e.g. a segfault in a native "
+                f"decoder: its stack is in the run's log), was killed or ran out of memory; last: {cause}"))
         self.idle.append(actor)
         if isinstance(result, VideoStatus):
             self.sizer.done(result)
