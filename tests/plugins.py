@@ -28,3 +28,11 @@ class BrightSquareDetector(torch.nn.Module):
 def build(weights: str, level: float = 0.8):
     """The plug-in contract: (module, class names for labels 1..N)."""
     return BrightSquareDetector(level), ["__background__", "bright square"]
+
+
+HOSTILE_CLASS = "<script>alert('class')</script> & \"q\" ../../../escaped"
+
+
+def build_hostile(weights: str, level: float = 0.8):
+    """The bright-square detector under a class name that is markup, quotes and a path."""
+    return BrightSquareDetector(level), [HOSTILE_CLASS]
