@@ -16,6 +16,7 @@ buffers for rotated streams, which therefore always go through PyAV.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from job.errors import first_line
+
+# Tags in a container's header (title, encoder, rotation...) that are not valid UTF-8 (damage, or an old
+# tool's own encoding) are read with replacement characters instead of making the video unreadable.
+METADATA_ERRORS = "replace"
 
 
 class VideoError(Exception):
@@ -64,7 +69,7 @@ def probe(path: str) -> VideoInfo:
     if size == 0:
         raise VideoError("empty file (0 bytes)")
     try:
-        container = av.open(path)
+        container = av.open(path, metadata_errors=METADATA_ERRORS)
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         raise VideoError(f"not a readable video file: {_reason(exc)}") from exc
     with container:
@@ -74,6 +79,8 @@ def probe(path: str) -> VideoInfo:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoError(f"no video stream in the file (streams found: {', '.join(kinds)})")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for the codec the header names
+            raise VideoError("the video stream's codec has no decoder in this FFmpeg (unknown or damaged header)")
         time_base = stream.time_base or Fraction(1, 1)
         codec = stream.codec_context.name
         coded_w, coded_h = stream.codec_context.width, stream.codec_context.height
@@ -308,7 +315,7 @@ def _pyav_frames(
     # starts one per CPU, which measured slower here; the decoder has its own threads.
     to_rgb = VideoReformatter()
     progress.frames_decoded = start if seek_to is not None else 0
-    with av.open(path) as container:
+    with av.open(path, metadata_errors=METADATA_ERRORS) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.thread_count = threads
@@ -336,7 +343,8 @@ def _pyav_frames(
                 rgb = to_rgb.reformat(frame, format="rgb24", width=width, height=height, threads=1).to_ndarray()
                 yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
     if number.skipped:
-        progress.problems.insert(0, f"{number.skipped} frames could not be decoded (damaged data), the other "
+        frames = "1 frame" if number.skipped == 1 else f"{number.skipped} frames"
+        progress.problems.insert(0, f"{frames} could not be decoded (damaged data), the other "
                                     f"{progress.frames_decoded} were")
 
 
@@ -412,7 +420,7 @@ def _presentation_stamps(path: str) -> tuple[np.ndarray | None, int, np.ndarray 
     stamps: list[int] = []
     keyframes: list[int] = []
     hidden = 0
-    with av.open(path) as container:
+    with av.open(path, metadata_errors=METADATA_ERRORS) as container:
         stream = container.streams.video[0]
         try:
             for packet in container.demux(stream):
@@ -451,8 +459,16 @@ def _quarter_turns(rotation: float | None) -> int:
     return int(round((rotation or 0) / 90.0)) % 4
 
 
+# What FFmpeg's demuxers and decoders answer for data they cannot parse, though no system call failed:
+# said as what it means for a video file, with FFmpeg's own words after it.
+_DAMAGE_ERRNOS = {errno.EIO, errno.EPERM, errno.EINVAL, errno.ENOMEM}
+
+
 def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or first_line(exc)
+    said = getattr(exc, "strerror", None) or first_line(exc)
+    if isinstance(exc, av.error.FFmpegError) and exc.errno in _DAMAGE_ERRNOS:
+        return f"damaged or unsupported data ({said})"
+    return said
 
 
 __all__ = [

@@ -116,7 +116,7 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
         if is_uri(video.path) or output.store.names(partition(video.video_id)):
             continue
         try:
-            with av.open(video.path) as container:
+            with av.open(video.path, metadata_errors="replace") as container:  # as decode.METADATA_ERRORS
                 count = container.streams.video[0].frames if container.streams.video else 0
         except Exception:  # noqa: BLE001 - a bad file is the worker's to report
             continue
