@@ -165,3 +165,99 @@ def test_an_embedded_run_does_not_join_a_ray_start_cluster_on_the_same_machine(w
     assert result.returncode == 0, logs[-4000:]
     # Joining the 1-CPU cluster would have refused ray.num_cpus (a setting for a new runtime) or run on 1 CPU.
     assert "starting Ray (embedded)" in logs and "starting 1 actors (2 CPU" in logs
+
+
+def node_processes(marker: str) -> list[psutil.Process]:
+    """The raylet whose command line holds `marker` (one of its node's own ports) and everything under it."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "raylet" in cmdline.split(" ")[0] and marker in cmdline:
+            return [proc, *proc.children(recursive=True)]
+    return []
+
+
+# Holds every CPU of the node it runs on (the head) until killed, so the job's actors start on the other.
+BLOCKER = """
+import sys, time, ray
+ray.init(address=sys.argv[1])
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+@ray.remote
+class Hold:
+    def ready(self):
+        return True
+hold = Hold.options(num_cpus=int(sys.argv[2]), scheduling_strategy=here).remote()
+ray.get(hold.ready.remote())
+print("holding", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("where", ["one actor on each node", "every actor on the lost node"])
+def test_a_worker_node_lost_mid_run_costs_nothing_but_time(where, weights_path, tmp_path):
+    """Two `ray start` nodes; the worker node's raylet and workers are SIGKILLed once parts are being
+    committed: the run ends on the head with exactly a clean run's rows. With every actor on the lost node
+    (the head's CPUs held by another driver until the loss), new ones start on the head."""
+    from conftest import THRESHOLD
+
+    temp_dir = tempfile.mkdtemp(prefix="rayl", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    for i in range(4):
+        write_video(tmp_path / "in" / f"clip{i}.mp4", 48, size=(320, 240))
+    settings = [f"video_dir={tmp_path / 'in'}", f"model.weights={weights_path}", f"score_threshold={THRESHOLD}",
+                "device=cpu", "batch_size=4", "output.commit_every_frames=8", "ray.num_actors=2",
+                "ray.cpus_per_actor=1", "ray.segment_frames=null"]
+    clean = subprocess.run([sys.executable, "-m", "job", *settings, f"output_dir={tmp_path / 'clean'}",
+                            "ray.num_cpus=2", f"hydra.run.dir={tmp_path / 'h1'}"], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    gcs_port = free_port()
+    worker_ports = node_ports()
+    out = tmp_path / "out"
+    try:
+        cpus = 1 if where == "one actor on each node" else 2
+        subprocess.run([RAY, "start", "--head", f"--num-cpus={cpus}", f"--port={gcs_port}",
+                        "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats", *node_ports()],
+                       check=True, env=env, capture_output=True, timeout=120)
+        blocker = None
+        if where == "every actor on the lost node":
+            blocker = subprocess.Popen([sys.executable, "-c", BLOCKER, f"127.0.0.1:{gcs_port}", str(cpus)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            assert blocker.stdout.readline().strip() == "holding"
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs_port}", f"--num-cpus={cpus}",
+                        f"--temp-dir={temp_dir}", "--disable-usage-stats", *worker_ports], check=True, env=env,
+                       capture_output=True, timeout=120)
+        marker = worker_ports[2].split("=")[1]  # the worker node's metrics export port, on its raylet's command line
+        assert node_processes(marker), "the worker node's raylet"
+        job = subprocess.Popen([sys.executable, "-m", "job", *settings, f"output_dir={out}",
+                                f"ray.address=127.0.0.1:{gcs_port}", f"hydra.run.dir={tmp_path / 'h2'}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("predictions/*/part-*.parquet"))) < 3:
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended before the node was lost"
+            time.sleep(0.05)
+        lost = node_processes(marker)
+        actors_there = [p for p in lost if p.is_running() and "VideoWorker" in " ".join(p.cmdline())]
+        assert len(actors_there) == (1 if blocker is None else 2), "the job's actors on the node to be lost"
+        for proc in lost:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if blocker is not None:  # the head's CPUs are free for new actors only now
+            blocker.kill()
+        output, _ = job.communicate(timeout=600)
+    finally:
+        for process in (locals().get("job"), locals().get("blocker")):
+            if process is not None and process.poll() is None:
+                process.kill()
+        kill_processes_under(temp_dir)
+    assert job.returncode == 0, output[-4000:]
+    columns = ["path", "status", "frame_count", "frames_processed", "detections"]
+    ours, theirs = (pl.read_parquet(d / "videos.parquet").select(columns).sort("path") for d in (out, tmp_path / "clean"))
+    assert ours.equals(theirs)
+    keys = ["video_id", "frame_index", "class_id", "x1", "y1"]
+    assert pl.read_parquet(out / "predictions").sort(keys).equals(pl.read_parquet(tmp_path / "clean" / "predictions")
+                                                                   .sort(keys))

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from job.config import JobConfig, ModelConfig, RayConfig
@@ -216,7 +217,13 @@ class RayBackend:
         self.progress = progress
 
     def progress_ages(self) -> dict[str, float]:
-        return ray.get(self.progress.ages.remote()) if self.progress is not None else {}
+        if self.progress is None:
+            return {}
+        try:
+            return ray.get(self.progress.ages.remote(), timeout=30)
+        except (RayActorError, GetTimeoutError) as exc:  # no stall is judged this round; the run goes on
+            log.warning("the progress counter did not answer: %s", first_line(exc))
+            return {}
 
     def kill(self, actor: Any) -> None:
         ray.kill(actor, no_restart=False)  # Ray restarts it; its running call fails as a dead actor
@@ -255,7 +262,9 @@ class ActorRun:
         log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
         run_id = uuid.uuid4().hex
         progress_name = f"job-progress-{run_id}"
-        progress = ProgressCounter.options(num_cpus=0, name=progress_name).remote()
+        # On the driver's node: the counter holds the stall clocks, and a worker node may be lost mid-run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        progress = ProgressCounter.options(num_cpus=0, name=progress_name, scheduling_strategy=here).remote()
         actors = [
             VideoWorker.options(num_cpus=layout.cpus_each, num_gpus=layout.gpus_each,
                                 runtime_env=runtime.actor_runtime_env)
@@ -269,7 +278,10 @@ class ActorRun:
         def update_bar() -> None:
             if bar is None:
                 return
-            done, expected = ray.get(progress.read.remote())
+            try:
+                done, expected = ray.get(progress.read.remote(), timeout=30)
+            except (RayActorError, GetTimeoutError):  # the bar waits for the next tick
+                return
             # Known up front where containers record their frame counts; else it grows as workers open videos.
             bar.total = max(self.frames_known_up_front, expected, done)
             bar.set_postfix_str(f"{videos_done}/{len(todo)} videos", refresh=False)
