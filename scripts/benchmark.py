@@ -104,7 +104,7 @@ class ModelOnly:
         self.detector = Detector(ModelConfig(name="ssdlite320_mobilenet_v3_large", weights=weights), threshold,
                                  device="cpu")
         batches = [b.frames for v in sorted(Path(video_dir).iterdir())
-                   for b in iter_batches(str(v), probe(str(v)), batch_size)]
+                   for b in iter_batches(str(v), probe(str(v)), batch_size=batch_size)]
         self.batches = batches[share::actors]
         self.detector(self.batches[0])  # warm-up
 
@@ -181,7 +181,7 @@ def decode_only(videos: list[Path], batch_size: int, decoder: str) -> tuple[floa
     batches = []
     for video in videos:
         info = probe(str(video))
-        batches.extend(b.frames for b in iter_batches(str(video), info, batch_size, decoder=decoder))
+        batches.extend(b.frames for b in iter_batches(str(video), info, batch_size=batch_size, decoder=decoder))
     return time.monotonic() - started, batches
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 
 from job.compare import per_class_table, runs_table
-from job.write import OutputDir, detections_frame
+from job.output import OutputDir, detections_frame
+from job.track import write_track_summary
 
 
 def make_run(directory, threshold, labels):
@@ -41,7 +42,7 @@ def test_distinct_objects_per_class_stand_beside_detections_for_a_tracked_run(tm
     out = OutputDir(tmp_path / "tracked")
     tracked = out.video_detections("v-1").with_columns(pl.Series("track_id", [7, None, 8], dtype=pl.Int64))
     out.write_tracks("v-1", tracked, {})
-    out.write_track_summary()
+    write_track_summary(out)
     make_run(tmp_path / "untracked", 0.5, [1])
     per_class = per_class_table(tmp_path)
     assert per_class.columns == ["class_name", "run1", "run1 objects", "run2"]

@@ -24,7 +24,8 @@ DECODERS = pytest.mark.parametrize("decoder", ["pyav", "decord"])
 def decode_all(path, batch_size=4, stride=1, start=0, decoder="pyav"):
     info = probe(str(path))
     progress = DecodeProgress()
-    batches = list(iter_batches(str(path), info, batch_size, stride, start, decoder, progress))
+    batches = list(iter_batches(str(path), info, batch_size=batch_size, frame_stride=stride, start_frame=start,
+                              decoder=decoder, progress=progress))
     return info, progress, batches
 
 
@@ -148,8 +149,10 @@ def test_windowed_decord_decode_equals_sequential_pyav(tmp_path, name, kwargs):
     info = probe(str(path))
     for start, stride, window in [(0, 1, 7), (10, 3, 5), (13, 1, 16), (59, 1, 4)]:
         progress = DecodeProgress()
-        ours = list(iter_batches(str(path), info, 4, stride, start, "decord", progress, window_frames=window))
-        reference = list(iter_batches(str(path), info, 4, stride, start, "pyav"))
+        ours = list(iter_batches(str(path), info, batch_size=4, frame_stride=stride, start_frame=start,
+                                 decoder="decord", progress=progress, window_frames=window))
+        reference = list(iter_batches(str(path), info, batch_size=4, frame_stride=stride, start_frame=start,
+                                      decoder="pyav"))
         assert progress.frames_decoded == 60
         got = np.concatenate([b.frame_indices for b in ours]).tolist()
         assert got == [i for i in range(start, 60) if i % stride == 0], (start, stride, window)
@@ -167,7 +170,7 @@ def test_decoder_threads_do_not_change_the_frames(tmp_path, decoder):
     frames = [np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8) for _ in range(40)]
     path = str(write_video(tmp_path / "threads.mp4", frames, fps=25, options={"g": "10", "bf": "2"}))
     info = probe(path)
-    one, two = ([b for b in iter_batches(path, info, 8, decoder=decoder, threads=n, window_frames=16)]
+    one, two = ([b for b in iter_batches(path, info, batch_size=8, decoder=decoder, threads=n, window_frames=16)]
                 for n in (1, 2))
     assert np.concatenate([b.frame_indices for b in two]).tolist() == list(range(40))
     assert torch.equal(torch.cat([b.frames for b in one]), torch.cat([b.frames for b in two]))

@@ -64,7 +64,8 @@ def assert_same_detections(ours, theirs, threshold, tol=1e-3):
 def decoded_frames(tmp_path_factory):
     path = write_video(tmp_path_factory.mktemp("v") / "clip.mp4", 12, size=(320, 240))
     info = probe(str(path))
-    return torch.cat([b.frames for b in iter_batches(str(path), info, 6, 1, 0, "decord", DecodeProgress())])
+    return torch.cat([b.frames for b in iter_batches(str(path), info, batch_size=6, decoder="decord",
+                                                            progress=DecodeProgress())])
 
 
 def test_batched_detections_equal_torchvision_single_image(weights_path, decoded_frames):

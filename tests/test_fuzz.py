@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from job import write
+from job import layout
 from job.run import run
 from job.samples import scene, write_video
 
@@ -80,7 +80,7 @@ def test_a_fuzzed_corpus_gives_one_row_per_file_with_reasons_and_leaves_the_orig
 
     run(make_cfg(originals, "frame_stride=4", output_dir=tmp_path / "originals"))
     ids = pl.read_parquet(tmp_path / "originals" / "videos.parquet")["video_id"].to_list()
-    alone = write.scan_predictions(str(tmp_path / "originals")).collect().sort("video_id", "frame_index", "x1")
-    among = (write.scan_predictions(str(tmp_path / "fuzzed")).filter(pl.col("video_id").is_in(ids)).collect()
+    alone = layout.scan_predictions(str(tmp_path / "originals")).collect().sort("video_id", "frame_index", "x1")
+    among = (layout.scan_predictions(str(tmp_path / "fuzzed")).filter(pl.col("video_id").is_in(ids)).collect()
              .sort("video_id", "frame_index", "x1"))
     assert alone.height > 0 and among.equals(alone)

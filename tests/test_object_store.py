@@ -19,7 +19,7 @@ import pytest
 from conftest import MODEL, THRESHOLD
 from processes import kill_tree
 
-from job import write
+from job import layout
 from job.run import run
 from job.samples import write_video
 
@@ -142,8 +142,8 @@ def test_s3_in_and_out_with_a_kill_and_resume(ray_session, s3, make_cfg, weights
                            env={**os.environ, **env})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     keys = ["video_id", "frame_index", "class_id"]
-    ours = write.scan_predictions(out).collect().sort(*keys, "score", "x1", "y1")
-    theirs = write.scan_predictions(clean).collect().sort(*keys, "score", "x1", "y1")
+    ours = layout.scan_predictions(out).collect().sort(*keys, "score", "x1", "y1")
+    theirs = layout.scan_predictions(clean).collect().sort(*keys, "score", "x1", "y1")
     assert ours.height == theirs.height > 0
     assert ours.select(keys).equals(theirs.select(keys))
     assert (ours["score"] - theirs["score"]).abs().max() < 1e-3
@@ -159,13 +159,14 @@ def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3,
     from job.config import ModelConfig, for_device
     from job.detect import Detector
     from job.discover import Video
-    from job.process import process_video
-    from job.write import OutputDir
+    from job.output import OutputDir
+    from job.process import process_task
+    from job.segments import Task
 
     cfg = make_cfg(f"s3://{BUCKET}/videos", output_dir=tmp_path / "out")
     detector = Detector(ModelConfig(name=MODEL, weights=str(weights_path)), THRESHOLD, device="cpu")
     gone = Video("gone-0123456789", f"s3://{BUCKET}/videos/gone.mp4", "gone.mp4")
-    row = process_video(gone, for_device(cfg, "cpu"), OutputDir(cfg.output_dir), detector)
+    row = process_task(Task(gone), for_device(cfg, "cpu"), OutputDir(cfg.output_dir), detector)
     assert (row.status, row.retryable) == ("failed", True)
     assert row.error.startswith("cannot fetch the video:") and "gone.mp4" in row.error
     assert OutputDir(tmp_path / "out").read_status(gone.video_id) == row
@@ -238,7 +239,7 @@ def test_an_s3_video_split_across_two_actors_equals_the_local_unsplit_result(s3,
     parts = [pl.read_parquet(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
              for key in part_keys(client, "long-out")]
     ours = pl.concat(parts).sort("frame_index", "class_id", "x1")
-    theirs = write.scan_predictions(str(tmp_path / "unsplit")).collect().drop("video_id").sort(
+    theirs = layout.scan_predictions(str(tmp_path / "unsplit")).collect().drop("video_id").sort(
         "frame_index", "class_id", "x1")
     assert ours.select("frame_index", "class_id").equals(theirs.select("frame_index", "class_id"))
     for column in ("timestamp_s", "score", "x1", "y1", "x2", "y2"):
@@ -263,7 +264,7 @@ def test_gcs_in_and_out_equals_the_local_result(gcs, make_cfg, weights_path, tmp
     fs, root = filesystem_for(f"{out}/predictions")
     table = pyarrow.dataset.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
     ours = pl.from_arrow(table).with_columns(pl.col("video_id").cast(pl.String)).sort(*keys, "score", "x1", "y1")
-    theirs = write.scan_predictions(clean).collect().sort(*keys, "score", "x1", "y1")
+    theirs = layout.scan_predictions(clean).collect().sort(*keys, "score", "x1", "y1")
     assert ours.height == theirs.height > 0
     assert ours.select(keys).equals(theirs.select(keys))
     assert (ours["score"] - theirs["score"]).abs().max() < 1e-3
@@ -280,7 +281,7 @@ def test_the_workers_of_a_node_share_one_copy_of_an_object_store_video(s3, tmp_p
     from threading import Barrier
 
     from job.errors import FetchError
-    from job.storage import VideoCache
+    from job.video_cache import VideoCache
 
     client, _, local_videos = s3
     uri = f"s3://{BUCKET}/videos/clip 0.mp4"
@@ -329,8 +330,8 @@ def test_a_store_failing_one_request_in_twenty_gives_exactly_a_clean_runs_rows(s
         run_job(f"s3://{BUCKET}/videos", f"s3://{BUCKET}/flaky", weights_path,
                 {**env, "AWS_ENDPOINT_URL": proxy.url}, tmp_path)
     assert proxy.failed >= proxy.requests / 20, (proxy.failed, proxy.requests)  # one in twenty at least
-    ours = write.scan_predictions(f"s3://{BUCKET}/flaky").collect().sort("video_id", "frame_index", "class_id", "x1")
-    theirs = write.scan_predictions(str(clean)).collect().sort("video_id", "frame_index", "class_id", "x1")
+    ours = layout.scan_predictions(f"s3://{BUCKET}/flaky").collect().sort("video_id", "frame_index", "class_id", "x1")
+    theirs = layout.scan_predictions(str(clean)).collect().sort("video_id", "frame_index", "class_id", "x1")
     assert ours.height > 0 and ours.equals(theirs)
     columns = ["path", "status", "error", "frame_count", "frames_processed", "detections"]
     videos = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="flaky/videos.parquet")["Body"].read())

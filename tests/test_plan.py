@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 
 from job.config import Device, RayConfig
-from job.discover import Video
 from job.errors import ConfigError, OutputNotOursError, SettingsMismatchError
-from job.plan import (
-    MIN_SEGMENT_FRAMES,
-    ActorLayout,
-    TailSizer,
-    actor_layout,
-    last_video_cuts,
-    make_plan,
-    tail_segment_frames,
-)
+from job.output import OutputDir
+from job.plan import ActorLayout, actor_layout, make_plan
 from job.samples import write_video
-from job.segments import Task, cut_points
+from job.status import VideoStatus
 from job.storage import fingerprint
-from job.write import OutputDir, VideoStatus
 
 
 def plan_of(cfg, output):
@@ -108,7 +99,7 @@ def test_a_directory_with_someone_elses_files_is_refused_and_left_alone(tmp_path
 
 
 def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, make_cfg):
-    from job.write import detections_frame
+    from job.output import detections_frame
 
     for name in ("a.mp4", "b.mp4"):
         write_video(tmp_path / "in" / name, 2, size=(64, 48))
@@ -133,7 +124,10 @@ def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, mak
     assert (tmp_path / "out" / "predictions" / f"video_id={a.video_id}").exists(), "kept unless pruned"
 
     pruned = plan_of(make_cfg(tmp_path / "in", "prune=true"), output)
-    assert pruned.missing == []
+    assert pruned.missing == [] and pruned.to_prune == sorted([a.video_id, b.video_id])
+    assert output.recorded_video_ids() == {a.video_id, b.video_id}, "planning removes nothing"
+    for video_id in pruned.to_prune:  # what run() does with them
+        output.remove_video(video_id)
     assert output.recorded_video_ids() == set()
     assert not (tmp_path / "out" / "predictions" / f"video_id={a.video_id}").exists()
 
@@ -164,8 +158,8 @@ def test_one_writer_per_output_dir(tmp_path, make_cfg, caplog):
 
 
 def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containers_record_them(tmp_path, make_cfg):
+    from job.output import detections_frame
     from job.plan import estimate_work
-    from job.write import detections_frame
 
     def frames_to_detect(videos, stride, output):
         return estimate_work(videos, stride, None, output).frames
@@ -184,44 +178,3 @@ def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containe
     # Units: each video one, and a long one its segments (b: 7 frames in segments of 3 = two units).
     assert estimate_work(plan.todo, 1, 3, output).units == 3 + 1
     assert estimate_work(plan.todo, 1, None, output).units == 3
-
-
-def test_only_the_last_videos_are_cut_shorter_so_that_the_actors_finish_together():
-    # 5 x 200 frames handed out in turn to 2 actors: four run whole, the last in segments.
-    sizes = [tail_segment_frames(1800, 200, queued, 2) for queued in (1000, 800, 600, 400, 200)]
-    assert sizes == [1800, 1800, 1800, 1800, MIN_SEGMENT_FRAMES]
-    assert cut_points(np.array([0]), 200, MIN_SEGMENT_FRAMES) == [0, 100, 200]  # two even halves
-    assert tail_segment_frames(1800, 10_000, 10_000, 2) == 1250  # one long video: about 4 segments per actor
-    assert tail_segment_frames(1800, 10**6, 10**6, 2) == 1800  # never longer than ray.segment_frames
-    assert tail_segment_frames(40, 200, 200, 2) == 40  # nor than a shorter ray.segment_frames
-    assert tail_segment_frames(1800, 200, 200, 1) == 1800  # one actor has no one to wait for
-    assert tail_segment_frames(1800, None, 200, 2) == 1800  # frame count unknown (object store)
-    assert tail_segment_frames(None, 200, 200, 2) is None  # never split
-
-
-def test_the_tail_sizer_counts_the_queued_videos_and_segments():
-    video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(3)]
-    sizer = TailSizer({"v0": 200, "v1": 200, "v2": 200}, 1800, 2)
-    assert sizer.size(Task(video[0]), [Task(video[2]), Task(video[1])], []).segment_frames == 1800  # run whole
-    assert sizer.size(Task(video[0]), [], []).segment_frames == MIN_SEGMENT_FRAMES  # the last one: cut
-    # A split video's queued segments count as what they span: 200 + 2 x 100 left, 200 each for 2 actors.
-    segments = [Task(video[1], 0, 100), Task(video[1], 100, 200)]
-    assert sizer.size(Task(video[0]), segments, []).segment_frames == 1800
-    assert sizer.size(Task(video[0]), segments[:1], []).segment_frames == MIN_SEGMENT_FRAMES
-
-
-def test_the_last_video_is_cut_so_that_every_actor_ends_together():
-    video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(2)]
-    sizer = TailSizer({"v0": 200, "v1": 200}, 1800, 2)
-    running = [(Task(video[1]), 3.625)]
-    assert sizer.size(Task(video[0]), [], running).cuts is None  # no task finished yet: speed unknown
-    sizer.done(VideoStatus(video_id="v9", path="9.mp4", frame_count=200, seconds=5.0))  # 40 frames/s
-    # v1 has 200 - 3.625 s x 40 = 55 frames left: the free actor takes 127.5 frames, v1's actor 72.5 after.
-    assert sizer.size(Task(video[0]), [], running).cuts == (128,)
-    assert last_video_cuts(200, [55]) == [128]
-    assert last_video_cuts(200, [0, 0, 0]) == [50, 100, 150]  # idle actors: even pieces
-    assert last_video_cuts(200, [300]) == []  # the other actor ends later anyway: run it whole
-    assert last_video_cuts(300, [10, 250]) == [155]  # one ends later than the other two: 155 + 145
-    assert last_video_cuts(200, [190]) == []  # a 5-frame piece is not worth its start
-    assert TailSizer({"v0": 200}, None, 2).size(Task(video[0]), [], running) == Task(video[0])  # never split
-    assert TailSizer({"v0": 200}, 1800, 1).size(Task(video[0]), [], running) == Task(video[0])  # one actor

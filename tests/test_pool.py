@@ -11,7 +11,7 @@ from job.discover import Video
 from job.errors import WorkersCannotStartError
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split
-from job.write import VideoStatus
+from job.status import VideoStatus
 
 
 class FakeBackend:

@@ -8,19 +8,21 @@ import polars as pl
 import pytest
 from media import cut_without_reencoding, overwrite_middle
 
-from job import write
+from job import layout
 from job.config import ModelConfig, for_device
 from job.detect import Detector
 from job.discover import discover_videos
-from job.process import prefetch, process_task, process_video
+from job.output import OutputDir
+from job.prefetch import prefetch
+from job.process import process_task
 from job.samples import write_video
 from job.segments import Task
-from job.write import OutputDir
 
 
 def process(video, cfg, detector, **kwargs):
-    """process_video as an actor calls it: settings resolved for the device, one OutputDir."""
-    return process_video(video, for_device(cfg, detector.device.type), OutputDir(cfg.output_dir), detector, **kwargs)
+    """A whole video as an actor processes it: settings resolved for the device, one OutputDir."""
+    return process_task(Task(video), for_device(cfg, detector.device.type), OutputDir(cfg.output_dir), detector,
+                        **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def only_video(directory):
 
 
 def predictions(out):
-    return write.scan_predictions(out).collect().sort("frame_index", "score", "class_id", "x1")
+    return layout.scan_predictions(out).collect().sort("frame_index", "score", "class_id", "x1")
 
 
 @pytest.mark.parametrize("stride", [1, 3, 7])
@@ -62,7 +64,7 @@ def test_resume_from_committed_parts_equals_a_clean_run(tmp_path, make_cfg, dete
     resumed = make_cfg(tmp_path / "in", "output.commit_every_frames=8", output_dir=tmp_path / "resumed")
     # Simulate a run killed after its first two parts: keep only those.
     process(video, resumed, detector)
-    parts = sorted((tmp_path / "resumed" / write.partition(video.video_id)).glob("part-*.parquet"))
+    parts = sorted((tmp_path / "resumed" / layout.partition(video.video_id)).glob("part-*.parquet"))
     assert len(parts) == 5
     for part in parts[2:]:
         part.unlink()
@@ -173,7 +175,7 @@ def test_a_video_replaced_after_it_was_done_or_between_a_kill_and_the_rerun_is_d
         video = only_video(tmp_path / when / "in")
         process(video, cfg, detector)
         if when == "killed":  # keep only the first two parts and no final status, as a kill -9 would
-            for part in sorted((out / "out" / write.partition(video.video_id)).glob("part-*.parquet"))[2:]:
+            for part in sorted((out / "out" / layout.partition(video.video_id)).glob("part-*.parquet"))[2:]:
                 part.unlink()
             (out / "out" / "_state" / "videos" / f"{video.video_id}.json").unlink()
         shutil.copyfile(tmp_path / "new" / "v.mp4", tmp_path / when / "in" / "v.mp4")  # the same bytes as clean's

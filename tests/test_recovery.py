@@ -18,7 +18,7 @@ import pytest
 from conftest import THRESHOLD
 from processes import kill_tree, stop_inside_a_staged_write
 
-from job import write
+from job import layout
 from job.run import run
 from job.samples import write_video
 
@@ -49,7 +49,7 @@ def clean_run(ray_session, video_dir, tmp_path_factory, weights_path):
 
 
 def sorted_predictions(out: Path) -> pl.DataFrame:
-    return write.scan_predictions(out).collect().sort(*KEYS, "score", "x1", "y1")
+    return layout.scan_predictions(out).collect().sort(*KEYS, "score", "x1", "y1")
 
 
 def assert_same_results(out: Path, reference: Path) -> None:
@@ -103,7 +103,7 @@ def test_sigkill_then_rerun_gives_exactly_the_clean_results(point, video_dir, cl
         while not stop.is_set():
             if parts(out):
                 try:
-                    write.scan_predictions(out).collect()
+                    layout.scan_predictions(out).collect()
                     reads[0] += 1
                 except Exception as exc:  # noqa: BLE001 - any failure here is the bug
                     reader_errors.append(exc)

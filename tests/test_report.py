@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from job import write
+from job import layout
 from job.config import ReportConfig
 from job.decode import DecodeProgress, iter_batches, probe, timestamps_for
 from job.report import make_report, timeline
@@ -58,7 +58,7 @@ def row_of(out: Path, path: str) -> dict:
 
 def decoded(path: Path) -> tuple[np.ndarray, torch.Tensor]:
     info = probe(str(path))
-    batches = list(iter_batches(str(path), info, 8, progress=DecodeProgress()))
+    batches = list(iter_batches(str(path), info, batch_size=8, progress=DecodeProgress()))
     return np.concatenate([b.timestamps_s for b in batches]), torch.cat([b.frames for b in batches])
 
 
@@ -77,7 +77,7 @@ def test_preview_draws_the_tables_boxes_and_leaves_the_rest_of_the_frame_alone(r
     shown = source_times < 0.6
     assert len(preview_times) == shown.sum() and np.allclose(preview_times, source_times[shown], atol=1e-3)
 
-    rows = write.scan_predictions(str(out)).filter(pl.col("video_id") == row["video_id"]).collect()
+    rows = layout.scan_predictions(str(out)).filter(pl.col("video_id") == row["video_id"]).collect()
     assert rows.height > 0
     changed_on_boxes, checked_away = [], 0
     for index in range(len(preview_times)):
@@ -102,7 +102,7 @@ def test_preview_draws_the_tables_boxes_and_leaves_the_rest_of_the_frame_alone(r
 def test_the_timeline_plots_the_tables_counts(report_run):
     videos, out = report_run
     row = row_of(out, "street.mp4")
-    rows = write.scan_predictions(str(out)).filter(pl.col("video_id") == row["video_id"]).collect()
+    rows = layout.scan_predictions(str(out)).filter(pl.col("video_id") == row["video_id"]).collect()
     detected_times = timestamps_for(np.arange(row["frame_count"]), probe(str(videos / "street.mp4")))
     data = timeline.timeline_data(rows, detected_times)
     per_class = dict(rows.group_by("class_name").len().iter_rows())
@@ -161,7 +161,7 @@ def test_the_page_counts_detections_and_distinct_objects_per_class(report_run):
     _, out = report_run
     page = (out / "report" / "index.html").read_text()
     shown = table(out)["video_id"].to_list()  # counted from the output, the moved video's too
-    detections = write.scan_predictions(str(out)).filter(pl.col("video_id").is_in(shown)).group_by(
+    detections = layout.scan_predictions(str(out)).filter(pl.col("video_id").is_in(shown)).group_by(
         "class_name").len().collect()
     objects = dict(pl.read_parquet(out / "track_summary.parquet").filter(pl.col("video_id").is_in(shown))
                    .group_by("class_name").len().iter_rows())
@@ -211,7 +211,7 @@ def test_frames_the_detector_skipped_show_the_boxes_of_the_last_frame_it_saw(tmp
     source = write_video(tmp_path / "clip.mp4", 4, size=(160, 120))
     info = probe(str(source))
     rows = pl.DataFrame([{"frame_index": 0, "timestamp_s": 0.0, "class_id": 1, "class_name": "car", "score": 0.9,
-                          "x1": 20.0, "y1": 20.0, "x2": 120.0, "y2": 100.0}], schema=write.PREDICTION_SCHEMA)
+                          "x1": 20.0, "y1": 20.0, "x2": 120.0, "y2": 100.0}], schema=layout.PREDICTION_SCHEMA)
     preview = tmp_path / "preview.mp4"
     pictures.render(str(source), info, rows, 2, None, [], str(preview))
     _, drawn = decoded(preview)

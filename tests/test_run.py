@@ -12,7 +12,7 @@ import pytest
 from cli import run_cli
 from media import make_awkward_set
 
-from job import write
+from job import layout
 from job.errors import SettingsMismatchError
 from job.run import run
 
@@ -30,7 +30,7 @@ def table(out):
 
 
 def all_predictions(out):
-    return write.scan_predictions(out).collect().sort("video_id", "frame_index", "score", "class_id", "x1")
+    return layout.scan_predictions(out).collect().sort("video_id", "frame_index", "score", "class_id", "x1")
 
 
 def test_awkward_and_bad_inputs_are_recorded_and_do_not_stop_the_run(ray_session, awkward_dir, make_cfg, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from job import write
+from job import layout
 from job.run import run
 from job.samples import scene, write_video
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def detections(out: Path, video_id: str) -> pl.DataFrame:
-    return (write.scan_predictions(str(out)).filter(pl.col("video_id") == video_id).collect()
+    return (layout.scan_predictions(str(out)).filter(pl.col("video_id") == video_id).collect()
             .sort("frame_index", "class_id", "score", "x1", "y1", "x2", "y2"))
 
 

@@ -14,7 +14,7 @@ from conftest import THRESHOLD
 from media import VFR_PTS_MS
 from processes import kill_tree
 
-from job import write
+from job import layout
 from job.decode import DecodeProgress, iter_batches, keyframe_indices, probe
 from job.run import run
 from job.samples import scene, write_video
@@ -26,7 +26,8 @@ ROW = ["path", "status", "error", "frame_count", "frames_processed", "detections
 
 def decode_range(path, info, start=0, end=None, stride=1):
     progress = DecodeProgress()
-    batches = list(iter_batches(str(path), info, 4, stride, start, "pyav", progress, end_frame=end))
+    batches = list(iter_batches(str(path), info, batch_size=4, frame_stride=stride, start_frame=start,
+                                 progress=progress, end_frame=end))
     if not batches:
         return np.zeros(0, np.int64), np.zeros(0), torch.zeros(0), progress
     return (np.concatenate([b.frame_indices for b in batches]), np.concatenate([b.timestamps_s for b in batches]),
@@ -85,7 +86,7 @@ def long_video(tmp_path_factory):
 
 
 def results(out):
-    detections = write.scan_predictions(str(out)).collect().sort("video_id", *KEYS)
+    detections = layout.scan_predictions(str(out)).collect().sort("video_id", *KEYS)
     return detections, pl.read_parquet(out / "videos.parquet").select(ROW).sort("path")
 
 

@@ -16,7 +16,7 @@ import supervision as sv
 from media import VFR_PTS_MS
 from trackers import ByteTrackTracker
 
-from job import track, write
+from job import layout, track
 from job.config import TrackerConfig
 from job.errors import ConfigError
 from job.run import run
@@ -90,7 +90,7 @@ def test_track_ids_partition_the_detections_as_the_library_does(ray_session, vid
     run(make_cfg(video_dir, *TRACKER, "frame_stride=2"))
     tracked = tracks_of(out)
     videos = pl.read_parquet(out / "videos.parquet")
-    detections = write.scan_predictions(str(out)).collect()
+    detections = layout.scan_predictions(str(out)).collect()
     assert tracked.drop("track_id").sort(pl.all()).equals(detections.select(tracked.drop("track_id").columns)
                                                           .sort(pl.all()))
     for row in videos.iter_rows(named=True):
@@ -119,7 +119,7 @@ def test_two_boxes_crossing_paths_keep_their_ids():
         for name, x in (("car", 10 + 8 * frame), ("bus", 330 - 8 * frame)):
             rows.append({"frame_index": frame, "timestamp_s": frame / 25, "class_id": 3 if name == "car" else 6,
                          "class_name": name, "score": 0.9, "x1": x, "y1": 100.0, "x2": x + 40.0, "y2": 140.0})
-    detections = pl.DataFrame(rows, schema=write.PREDICTION_SCHEMA)
+    detections = pl.DataFrame(rows, schema=layout.PREDICTION_SCHEMA)
     frames = np.arange(40)
     tracked = track.track_ids(detections, frames, frames / 25,
                               track.new_tracker(TrackerConfig(name="bytetrack"), 25.0))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from job.write import MANIFEST, STATE, TRACK_SUMMARY, scan_predictions
+from job.layout import MANIFEST, STATE, TRACK_SUMMARY, scan_predictions
 
 
 def find_runs(output_dir: Path) -> list[Path]:

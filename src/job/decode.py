@@ -114,6 +114,7 @@ def keyframe_indices(info: VideoInfo) -> np.ndarray | None:
 def iter_batches(
     path: str,
     info: VideoInfo,
+    *,
     batch_size: int,
     frame_stride: int = 1,
     start_frame: int = 0,

@@ -21,14 +21,16 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
+from job.balance import TailSizer
 from job.config import JobConfig, ModelConfig, RayConfig
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
-from job.plan import TailSizer, WorkEstimate, actor_layout
+from job.output import OutputDir
+from job.plan import WorkEstimate, actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
-from job.storage import VideoCache
-from job.write import OutputDir, VideoStatus
+from job.status import VideoStatus
+from job.video_cache import VideoCache
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from typing import Any
 from job import __version__
 from job.config import to_plain
 from job.discover import Video
+from job.output import OutputDir
 from job.plan import Plan
-from job.write import OutputDir, VideoStatus
+from job.status import VideoStatus
 
 
 @dataclass

@@ -12,13 +12,15 @@ from importlib.metadata import version
 from typing import Any
 
 from job import track
+from job.balance import MIN_SEGMENT_FRAMES
 from job.config import Device, JobConfig, ModelConfig, RayConfig, given_classes, is_weights_path
 from job.discover import Video, discover_videos
 from job.errors import ConfigError, OutputNotOursError, WeightsError
+from job.layout import partition
 from job.lease import Lease
-from job.segments import Task
+from job.output import OutputDir
+from job.status import VideoStatus
 from job.storage import fingerprint, is_uri
-from job.write import OutputDir, VideoStatus, partition
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class Plan:
     missing: list[VideoStatus]  # videos this output_dir holds whose files are gone (none with prune=true)
     detection_settings: dict[str, Any]  # what _state/settings.json holds for this output_dir
     lease: Lease  # held from planning to the end of the run: release() it
+    to_prune: list[str] = field(default_factory=list)  # with prune=true: gone videos whose results to remove
 
     def record_settings(self, output: OutputDir, model: ModelConfig | None = None) -> None:
         """Record the settings once the actors have loaded the model (`model`: its classes resolved), or
@@ -74,20 +77,15 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
             finished[video.video_id] = previous
         else:
             todo.append(video)
-    missing = []
-    for video_id in sorted(output.recorded_video_ids() - {v.video_id for v in videos}):
-        if cfg.prune:
-            log.info("prune=true: removing %s, whose file is gone", video_id)
-            output.remove_video(video_id)
-        else:
-            missing.append(output.missing_status(video_id))
+    gone = sorted(output.recorded_video_ids() - {v.video_id for v in videos})
+    missing = [] if cfg.prune else [output.missing_status(video_id) for video_id in gone]
     if missing:
         log.warning("%d videos with results here are no longer in video_dir: kept as status=missing "
                     "(prune=true removes them)", len(missing))
     todo.sort(key=_size, reverse=True)  # longest first (by size), so a batch does not end on one long video
     settings = detection_settings(cfg)
     output.check_settings(settings)  # a mismatch stops the run before Ray starts
-    return Plan(cfg, videos, todo, finished, missing, settings, lease)
+    return Plan(cfg, videos, todo, finished, missing, settings, lease, gone if cfg.prune else [])
 
 
 @dataclass
@@ -126,82 +124,6 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
         if segment_frames:  # the pieces the pool may cut it into (`TailSizer`): the last videos are cut short
             units += max(0, count // min(segment_frames, MIN_SEGMENT_FRAMES) - 1)
     return WorkEstimate(frames, units, frames_by_video)
-
-
-# Enough units of work per actor that the last ones end close together, but no segment so short that
-# its own start (opening the file, scanning its packets, seeking) weighs next to detecting its frames.
-UNITS_PER_ACTOR = 4
-MIN_SEGMENT_FRAMES = 120
-# The last video's pieces are sized to fill each actor up to the same end, so shorter ones pay: a piece
-# idles an actor for as long as it takes to detect, and starting one costs far less than 30 frames.
-MIN_TAIL_PIECE_FRAMES = 30
-
-
-def tail_segment_frames(segment_frames: int | None, video_frames: int | None, queued_frames: int,
-                        actors: int) -> int | None:
-    """The segment length to cut a video about to start with: `ray.segment_frames` while the work still
-    queued (this video's `video_frames` included) gives every actor more than this video, else short
-    enough that the actors finish it together instead of one finishing it alone while the others wait.
-
-    Only the last videos are cut so: a cut away from a keyframe decodes from the keyframe before it,
-    and splitting costs a round trip, so splitting every video to balance a few would waste both.
-    """
-    if segment_frames is None or actors < 2 or not video_frames or video_frames * actors <= queued_frames:
-        return segment_frames
-    share = math.ceil(queued_frames / (actors * UNITS_PER_ACTOR))
-    return min(segment_frames, max(MIN_SEGMENT_FRAMES, share))
-
-
-def last_video_cuts(video_frames: int, running_left: list[float]) -> list[int]:
-    """Where to cut the last video, handed to an actor while the others finish tasks with
-    `running_left` frames to go, so that all end together: each actor gets a piece that fills it up to
-    the same end, the next actor to be free the largest (the pool hands the segments out in order).
-
-    Actors whose task ends after that get none; pieces under MIN_TAIL_PIECE_FRAMES stay with the first.
-    """
-    left = sorted(running_left)
-    target = (video_frames + sum(left)) / (len(left) + 1)
-    while left and left[-1] >= target:
-        left.pop()
-        target = (video_frames + sum(left)) / (len(left) + 1)
-    pieces = sorted((p for p in (target - r for r in left) if p >= MIN_TAIL_PIECE_FRAMES), reverse=True)
-    sizes = [video_frames - sum(pieces), *pieces]
-    return [round(sum(sizes[:k])) for k in range(1, len(sizes))]
-
-
-class TailSizer:
-    """The pool's `sizer`: how each whole video handed out is cut, so that the actors finish together.
-
-    The last video, while other actors are busy, is cut unevenly by `last_video_cuts` (their tasks'
-    frames left come from the frames per second finished tasks took); other videos get
-    `tail_segment_frames`. Frame counts are the containers' (`WorkEstimate.frames_by_video`).
-    """
-
-    def __init__(self, frames_by_video: dict[str, int], segment_frames: int | None, actors: int) -> None:
-        self.frames_by_video, self.segment_frames, self.actors = frames_by_video, segment_frames, actors
-        self.frames_timed, self.seconds_timed = 0, 0.0
-
-    def frames(self, task: Task) -> int:
-        return task.end - task.start if task.is_segment else self.frames_by_video.get(task.video.video_id, 0)
-
-    def done(self, status: VideoStatus) -> None:
-        """Learns an actor's speed from a finished task."""
-        if status.frame_count and status.seconds:
-            self.frames_timed += status.frame_count
-            self.seconds_timed += status.seconds
-
-    def size(self, task: Task, queued: list[Task], running: list[tuple[Task, float]]) -> Task:
-        """`task` with its cuts; `running` is each task in progress with the seconds it has run."""
-        video_frames = self.frames_by_video.get(task.video.video_id)
-        if self.segment_frames is None or self.actors < 2 or not video_frames:
-            return task
-        if not queued and running and self.seconds_timed and video_frames <= self.segment_frames:
-            per_second = self.frames_timed / self.seconds_timed
-            left = [max(0.0, self.frames(t) - seconds * per_second) for t, seconds in running]
-            return dataclasses.replace(task, cuts=tuple(last_video_cuts(video_frames, left)))
-        queued_frames = video_frames + sum(self.frames(t) for t in queued)
-        return dataclasses.replace(task, segment_frames=tail_segment_frames(self.segment_frames, video_frames,
-                                                                            queued_frames, self.actors))
 
 
 def _size(video: Video) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from job.discover import Video
 from job.errors import WorkersCannotStartError
 from job.segments import Split, Task, merge
-from job.write import VideoStatus
+from job.status import VideoStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Backend(Protocol):
 
 
 class Sizer:
-    """Cuts no video differently from `ray.segment_frames` (plan.TailSizer does)."""
+    """Cuts no video differently from `ray.segment_frames` (balance.TailSizer does)."""
 
     def size(self, task: Task, queued: list[Task], running: list[tuple[Task, float]]) -> Task:
         return task

@@ -1,10 +1,9 @@
-"""One video through decode -> detect -> write, with resume; knows nothing of Ray.
+"""One task (a video, or a segment of one) through decode -> detect -> commit, with resume; no Ray here.
 
-On a GPU, decoding runs in a background thread feeding a bounded queue so the GPU never waits on
-the decoder (memory stays at `prefetch_batches` batches whatever the video's length). On CPU the
-model's threads already fill every core the actor has: a decode thread beside them stalls torch's
-thread pool at each barrier (measured: 40 vs 48 frames/s on 2 cores), so batches are decoded
-inline, by all the cores, between model calls.
+On a GPU, decoding runs ahead in a background thread (`prefetch`), so the GPU never waits on the decoder,
+with memory bounded by `prefetch_batches` batches whatever the video's length. On CPU each actor has one
+CPU by default and the model one thread, so batches are decoded inline, between model calls (a decode
+thread beside torch's stalled its thread pool at every barrier: benchmarks/throughput.md).
 """
 
 from __future__ import annotations
@@ -12,12 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,48 +28,41 @@ from job.decode import (
     probe,
 )
 from job.detect import Detector
-from job.discover import Video
 from job.errors import FetchError, OutputWriteError
+from job.output import OutputDir, detections_frame
+from job.prefetch import prefetch
 from job.segments import Split, Task, cut_points, snap_cuts
-from job.storage import VideoCache, fingerprint, local_copy
-from job.write import OutputDir, VideoStatus, detections_frame
+from job.status import VideoStatus
+from job.storage import fingerprint
+from job.video_cache import VideoCache, local_copy
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Called with (frames just detected, frames newly known to be expected) for the progress bar.
 ProgressCallback = Callable[[int, int], None]
 
 
-def process_video(video: Video, settings: JobConfig, output: OutputDir, detector: Detector,
-                  on_progress: ProgressCallback | None = None, attempts: int = 1,
-                  cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus | Split:
-    """Runs one video to its final status, committing detections as it goes; or, for a video longer
-    than `ray.segment_frames` (or one split before), answers how to split it (nothing processed).
-
-    `settings` must be resolved for the detector's device (`config.for_device`).
-    Never raises for a bad video: the reason goes into the status's `error`. With a `cache`, an
-    object-store video is read from the node's shared copy (else from a copy of its own).
-    """
-    return process_task(Task(video), settings, output, detector, on_progress, attempts, cache,
-                        decode_threads=decode_threads)
-
-
 def process_task(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
                  on_progress: ProgressCallback | None = None, attempts: int = 1,
                  cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus | Split:
-    """A task from the pool: a segment (`process_segment`), or a whole video cut as the task says.
+    """Runs a task from the pool to its final status, committing detections as it goes: a whole video
+    (`Task(video)`; or, for a long one, an answer saying how to split it, nothing processed) or a segment
+    of a split one. The one entry point of this module.
+
+    `settings` must be resolved for the detector's device (`config.for_device`). Never raises for a bad
+    video: the reason goes into the status's `error`. With a `cache`, an object-store video is read from
+    the node's shared copy (else from a copy of its own).
 
     `decode_threads`: the CPUs the decoder may use (the actor's); the model's own thread count is fixed
     apart from them (`detect.CPU_INFERENCE_THREADS`), so results never depend on the layout.
     """
     if task.is_segment:
-        return process_segment(task, settings, output, detector, on_progress, attempts, cache,
+        return _process_segment(task, settings, output, detector, on_progress, attempts, cache,
                                decode_threads=decode_threads)
     return _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads)
 
 
-def process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
+def _process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
                     on_progress: ProgressCallback | None = None, attempts: int = 1,
                     cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus:
     """Runs the frames [task.start, task.end) of a split video, resuming after its committed parts;
@@ -146,8 +135,9 @@ def _process_local(
     progress = DecodeProgress()
     failure = None
     try:
-        batches = iter_batches(path, info, settings.batch_size, stride, start, settings.decoder.value, progress,
-                               threads=decode_threads, end_frame=task.end)
+        batches = iter_batches(path, info, batch_size=settings.batch_size, frame_stride=stride, start_frame=start,
+                               decoder=settings.decoder.value, progress=progress, threads=decode_threads,
+                               end_frame=task.end)
         for batch in prefetch(batches, settings.prefetch_batches):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
@@ -217,52 +207,6 @@ def _new_status(task: Task, detector: Detector, attempts: int) -> VideoStatus:
     return VideoStatus(video_id=task.video.video_id, path=task.video.relative_path, attempts=attempts,
                        worker=f"{socket.gethostname()}:{os.getpid()}", device=str(detector.device),
                        segment_start=task.start)
-
-
-def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate `iterable` in a background thread, at most `depth` items ahead of the consumer.
-
-    depth 0: no thread, items are produced in the consumer's thread as it asks for them.
-    """
-    if depth == 0:
-        yield from iterable
-        return
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in iterable:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put(done)
-        except BaseException as exc:  # re-raised in the consumer
-            items.put(exc)
-
-    worker = threading.Thread(target=produce, name="decode", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                worker.join(timeout=0.1)
 
 
 class _PartCommitter:

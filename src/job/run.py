@@ -1,4 +1,4 @@
-"""One run, start to end: plan (what to do) -> execute (the actor pool) -> track (if asked) -> finish (tables, manifest, summary)."""
+"""One run, start to end: plan (what to do) -> prune (with prune=true) -> execute (the actor pool) -> track (if asked) -> finish (tables, manifest, summary)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 
 from job.config import JobConfig
 from job.finish import RunSummary, summarize, write_tables
+from job.output import OutputDir
 from job.plan import Plan, estimate_work, make_plan
-from job.write import OutputDir, VideoStatus
+from job.status import VideoStatus
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,9 @@ def run(cfg: JobConfig, keep_ray: bool = False) -> RunSummary:
     started_at, started = datetime.now(timezone.utc), time.monotonic()
     output = OutputDir(cfg.output_dir)
     plan = make_plan(cfg, output)
+    for video_id in plan.to_prune:
+        log.info("prune=true: removing %s, whose file is gone", video_id)
+        output.remove_video(video_id)
     try:
         return _execute_and_finish(plan, output, started_at, started, keep_ray)
     finally:

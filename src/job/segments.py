@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from job.discover import Video
-from job.write import VideoStatus
+from job.status import VideoStatus
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Task:
     video: Video
     start: int = 0
     end: int | None = None  # None: the whole video
-    # How a whole video is cut, chosen when it is handed out (plan.TailSizer): its segment length
+    # How a whole video is cut, chosen when it is handed out (balance.TailSizer): its segment length
     # (None: ray.segment_frames), or the frames to cut it at (() : run it whole), which win.
     segment_frames: int | None = None
     cuts: tuple[int, ...] | None = None

@@ -22,7 +22,9 @@ import polars as pl
 
 from job.config import TrackerConfig
 from job.errors import ConfigError
-from job.write import OutputDir, VideoStatus
+from job.layout import TRACK_SUMMARY, TRACKS
+from job.output import OutputDir, parquet_bytes
+from job.status import VideoStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def frames_to_feed(path: str | None, status: VideoStatus, frame_stride: int,
     """(frame indices, timestamps) of every frame the detector saw: from the video's packets when it can
     be read, else the frames that have detections."""
     from job.decode import VideoError, detected_frames, probe
-    from job.storage import local_copy
+    from job.video_cache import local_copy
 
     if path is not None and status.frame_count:
         try:
@@ -138,7 +140,7 @@ def update_tracks(output: OutputDir, tracker: TrackerConfig, videos: Iterable[Tr
                                              video.status, frame_stride, rows)
             tracked = track_ids(rows, indices, times, new_tracker(tracker, video.status.fps))
             output.write_tracks(video.video_id, tracked, _state(settings, video.status))
-    summary = output.write_track_summary()
+    summary = write_track_summary(output)
     counts = {} if summary is None else dict(summary.group_by("video_id").len().iter_rows())
     return {v.video_id: counts.get(v.video_id, 0) for v in videos if output.tracks_state(v.video_id) is not None}
 
@@ -161,3 +163,32 @@ def _current(stored: dict | None, settings: dict | None, status: VideoStatus) ->
     if stored.get("detections") != _detections_identity(status):
         return False
     return settings is None or all(stored.get(key) == value for key, value in settings.items())
+
+
+def write_track_summary(output: OutputDir) -> pl.DataFrame | None:
+    """track_summary.parquet from every video's tracks (removed when there are none); returns it."""
+    if not any(name.startswith("video_id=") for name in output.store.entries(TRACKS)):
+        output.store.delete(TRACK_SUMMARY)
+        return None
+    tracked = pl.concat([
+        pl.read_parquet(data).with_columns(pl.lit(name.removeprefix("video_id=")).alias("video_id"))
+        for name in sorted(output.store.entries(TRACKS))
+        if (data := output.store.get(f"{TRACKS}/{name}/tracks.parquet")) is not None
+    ], how="diagonal_relaxed")
+    summary = (
+        tracked.filter(pl.col("track_id").is_not_null())
+        .sort("video_id", "track_id", "frame_index")
+        .group_by("video_id", "track_id", maintain_order=True)
+        .agg(
+            pl.col("class_name").mode().sort().first().alias("class_name"),
+            pl.col("frame_index").first().alias("first_frame_index"),
+            pl.col("frame_index").last().alias("last_frame_index"),
+            pl.col("timestamp_s").first().alias("first_timestamp_s"),
+            pl.col("timestamp_s").last().alias("last_timestamp_s"),
+            pl.col("frame_index").n_unique().cast(pl.Int64).alias("frames"),
+            pl.col("score").mean().alias("mean_score"),
+            pl.col("score").max().alias("max_score"),
+        )
+    )
+    output.store.put(TRACK_SUMMARY, parquet_bytes(summary))
+    return summary

@@ -20,9 +20,10 @@ from job.config import ReportConfig
 from job.decode import VideoError, detected_frames, probe
 from job.discover import discover_videos
 from job.errors import ConfigError, JobError
+from job.layout import MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE
+from job.output import OutputDir
 from job.report import page, pictures, timeline
-from job.storage import local_copy
-from job.write import MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE, OutputDir
+from job.video_cache import local_copy
 
 log = logging.getLogger(__name__)
 REPORT = "report"

@@ -1,18 +1,4 @@
-"""Output layout and the commit protocol that makes results exactly-once and resumable.
-
-    output_dir/
-      predictions/video_id=<id>/part-<start>-<end>.parquet   detections of frames [start, end)
-      tracks/video_id=<id>/tracks.parquet                     its detections with track_id (tracker=...)
-      track_summary.parquet                                   one row per track
-      videos.parquet                                          one row per discovered file
-      manifest.json                                           the last run: config, versions, totals
-      _state/settings.json                                    what the detections depend on
-      _state/videos/<id>.json                                 a video's final status (its commit record)
-      _state/progress/<id>.json                               the content fingerprint a video's parts come from
-      _state/tracks/<id>.json                                 what a video's tracks were made from
-      _state/segments/<id>/<start>.json                       a finished segment's status (a split video)
-      _state/lease.json                                       the running job's lease (lease.py)
-      _state/tmp/                                             local writes staged before their rename
+"""The commit protocol on output_dir's layout (`layout.py`): parts, records, tables, all exactly once.
 
 Every object appears atomically (`storage.Store.put`), so a reader never sees a torn file and a kill
 at any moment leaves only whole parts. A part's name is its commit record: on rerun a video resumes
@@ -21,13 +7,10 @@ at the end of its unbroken chain of parts from frame 0.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,90 +18,42 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from job.errors import SettingsMismatchError
+from job.layout import (
+    MANIFEST,
+    PART,
+    PREDICTION_SCHEMA,
+    PREDICTIONS,
+    PROGRESS_DIR,
+    SETTINGS_RECORD,
+    STATE,
+    STATUS_DIR,
+    TRACKS,
+    TRACKS_STATE_DIR,
+    VIDEOS_TABLE,
+    part,
+    partition,
+    progress_record,
+    segment_record,
+    segments_dir,
+    status_record,
+    tracks_dir,
+    tracks_file,
+    tracks_record,
+)
+from job.status import VIDEO_SCHEMA, VideoStatus
 from job.storage import TMP_DIR, Store
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions"
-TRACKS = "tracks"
-TRACK_SUMMARY = "track_summary.parquet"
-VIDEOS_TABLE = "videos.parquet"
-MANIFEST = "manifest.json"
-STATE = "_state"
 
-PREDICTION_SCHEMA = {
-    "frame_index": pl.Int64,
-    "timestamp_s": pl.Float64,
-    "class_id": pl.Int64,
-    "class_name": pl.String,
-    "score": pl.Float32,
-    "x1": pl.Float32,
-    "y1": pl.Float32,
-    "x2": pl.Float32,
-    "y2": pl.Float32,
-}
-
-
-def _column(dtype: Any, default: Any = None) -> Any:
-    return field(default=default, metadata={"dtype": dtype})
-
-
-@dataclass
-class VideoStatus:
-    """One video's outcome: the worker fills it, the driver keeps it, `videos.parquet` holds one per file."""
-
-    video_id: str = _column(pl.String)
-    path: str = _column(pl.String)
-    status: str = _column(pl.String, "failed")  # ok | partial | failed | missing (the file is gone)
-    error: str | None = _column(pl.String)
-    frame_count: int | None = _column(pl.Int64)
-    frames_processed: int = _column(pl.Int64, 0)
-    detections: int = _column(pl.Int64, 0)
-    width: int | None = _column(pl.Int64)
-    height: int | None = _column(pl.Int64)
-    fps: float | None = _column(pl.Float64)
-    duration_s: float | None = _column(pl.Float64)
-    codec: str | None = _column(pl.String)
-    rotation: int | None = _column(pl.Int64)
-    seconds: float | None = _column(pl.Float64)
-    attempts: int = _column(pl.Int64, 1)
-    worker: str | None = _column(pl.String)  # host:pid of the Ray actor that finished it
-    device: str | None = _column(pl.String)
-    tracks: int | None = _column(pl.Int64)  # distinct confirmed tracks (with a tracker), filled in by the driver
-    # Kept in the status record, not in the table: whether a rerun should try again (not for facts
-    # about the file, yes for crashes and bugs), and the frames this attempt detected (the rest of
-    # frames_processed was committed by an earlier run).
-    retryable: bool = False
-    frames_this_run: int = 0
-    fingerprint: str | None = None  # storage.fingerprint of the content the detections came from
-    segment_start: int = 0  # a segment's status (segments.py): its first frame
-
-    def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> VideoStatus:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(data).items() if k in known})
-
-
-VIDEO_SCHEMA = {f.name: f.metadata["dtype"] for f in dataclasses.fields(VideoStatus) if "dtype" in f.metadata}
-
-_PART = re.compile(r"^part-(\d{10})-(\d{10})\.parquet$")
-
-
-def _json_bytes(data: Any) -> bytes:
+def json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=2, sort_keys=True, default=str).encode()
 
 
-def _parquet_bytes(frame: pl.DataFrame, **options: Any) -> bytes:
+def parquet_bytes(frame: pl.DataFrame, **options: Any) -> bytes:
     buffer = io.BytesIO()
     frame.write_parquet(buffer, **options)
     return buffer.getvalue()
-
-
-def partition(video_id: str) -> str:
-    return f"{PREDICTIONS}/video_id={video_id}"
 
 
 class OutputDir:
@@ -134,11 +69,11 @@ class OutputDir:
     def ensure_settings(self, settings: dict[str, Any]) -> None:
         """Record the detection settings, or refuse if output_dir already holds results of others."""
         if self.check_settings(settings):
-            self.store.put(f"{STATE}/settings.json", _json_bytes(settings))
+            self.store.put(SETTINGS_RECORD, json_bytes(settings))
 
     def check_settings(self, settings: dict[str, Any]) -> bool:
         """Refuse if output_dir holds results made with other settings; whether they need recording."""
-        stored_bytes = self.store.get(f"{STATE}/settings.json")
+        stored_bytes = self.store.get(SETTINGS_RECORD)
         if stored_bytes is not None:
             stored = json.loads(stored_bytes)
             changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
@@ -162,7 +97,7 @@ class OutputDir:
 
     def has_results(self) -> bool:
         """Whether any video has committed a part or a final status here."""
-        return bool(self.store.entries(PREDICTIONS)) or bool(self.store.names(f"{STATE}/videos"))
+        return bool(self.store.entries(PREDICTIONS)) or bool(self.store.names(STATUS_DIR))
 
     def foreign_entries(self) -> list[str]:
         """What output_dir holds that this job did not write, when it holds no job state at all."""
@@ -186,7 +121,7 @@ class OutputDir:
         """(first frame, end frame, name) of the video's parts within the frames [start, end), in frame order."""
         parts = []
         for name in self.store.names(partition(video_id)):
-            match = _PART.match(name)
+            match = PART.match(name)
             if match and int(match.group(1)) >= start and (end is None or int(match.group(2)) <= end):
                 parts.append((int(match.group(1)), int(match.group(2)), name))
         return sorted(parts)
@@ -197,23 +132,23 @@ class OutputDir:
         Parts of other content (the file was replaced since they were committed) are deleted first,
         with the video's status; the fingerprint is recorded before the first new part is committed.
         """
-        record = f"{STATE}/progress/{video_id}.json"
+        record = progress_record(video_id)
         stored = self.store.get(record)
         if stored is not None and json.loads(stored).get("fingerprint") == fingerprint:
             return self.committed_end(video_id)
         if stored is not None:
             log.warning("%s changed since its detections were made: detecting it again", video_id)
-            self.store.delete(f"{STATE}/videos/{video_id}.json")
+            self.store.delete(status_record(video_id))
             self._remove_segment_records(video_id)
             for name in self.store.names(partition(video_id)):
                 self.store.delete(f"{partition(video_id)}/{name}")
-        self.store.put(record, _json_bytes({"fingerprint": fingerprint, "path": path}))
+        self.store.put(record, json_bytes({"fingerprint": fingerprint, "path": path}))
         return self.committed_end(video_id)
 
     def recorded_video_ids(self) -> set[str]:
         """Every video this output_dir holds anything of: a status, a started video, or a partition."""
-        ids = {name.removesuffix(".json") for name in self.store.names(f"{STATE}/videos")}
-        ids |= {name.removesuffix(".json") for name in self.store.names(f"{STATE}/progress")}
+        ids = {name.removesuffix(".json") for name in self.store.names(STATUS_DIR)}
+        ids |= {name.removesuffix(".json") for name in self.store.names(PROGRESS_DIR)}
         ids |= {name.removeprefix("video_id=") for name in self.store.entries(PREDICTIONS)
                 if name.startswith("video_id=")}
         return ids
@@ -222,7 +157,7 @@ class OutputDir:
         """The row of a video whose file is gone from video_dir: its last status, marked missing."""
         status = self.read_status(video_id)
         if status is None:  # started but never finished
-            progress = self.store.get(f"{STATE}/progress/{video_id}.json")
+            progress = self.store.get(progress_record(video_id))
             path = json.loads(progress).get("path") if progress is not None else None
             status = VideoStatus(video_id=video_id, path=path or f"(unknown: {video_id})")
             status.detections = self.count_detections(video_id)
@@ -235,34 +170,34 @@ class OutputDir:
         for name in self.store.names(partition(video_id)):
             self.store.delete(f"{partition(video_id)}/{name}")
         self.store.delete_dir(partition(video_id))
-        self.store.delete(f"{STATE}/videos/{video_id}.json")
-        self.store.delete(f"{STATE}/progress/{video_id}.json")
+        self.store.delete(status_record(video_id))
+        self.store.delete(progress_record(video_id))
         self._remove_segment_records(video_id)
         self.remove_tracks(video_id)
 
     def recorded_split(self, video_id: str) -> list[int] | None:
         """The segment bounds a split video's parts were cut at (recorded with its fingerprint)."""
-        stored = self.store.get(f"{STATE}/progress/{video_id}.json")
+        stored = self.store.get(progress_record(video_id))
         return json.loads(stored).get("split") if stored is not None else None
 
     def record_split(self, video_id: str, bounds: list[int]) -> None:
         """Recorded before any segment is processed, so a rerun cuts the video where its parts are."""
-        record = f"{STATE}/progress/{video_id}.json"
+        record = progress_record(video_id)
         stored = self.store.get(record)
         progress = json.loads(stored) if stored is not None else {}
-        self.store.put(record, _json_bytes({**progress, "split": bounds}))
+        self.store.put(record, json_bytes({**progress, "split": bounds}))
 
     def write_segment_status(self, status: VideoStatus) -> None:
-        self.store.put(f"{STATE}/segments/{status.video_id}/{status.segment_start}.json", status.to_json())
+        self.store.put(segment_record(status.video_id, status.segment_start), status.to_json())
 
     def read_segment_status(self, video_id: str, start: int) -> VideoStatus | None:
-        data = self.store.get(f"{STATE}/segments/{video_id}/{start}.json")
+        data = self.store.get(segment_record(video_id, start))
         return VideoStatus.from_json(data) if data is not None else None
 
     def _remove_segment_records(self, video_id: str) -> None:
-        for name in self.store.names(f"{STATE}/segments/{video_id}"):
-            self.store.delete(f"{STATE}/segments/{video_id}/{name}")
-        self.store.delete_dir(f"{STATE}/segments/{video_id}")
+        for name in self.store.names(segments_dir(video_id)):
+            self.store.delete(f"{segments_dir(video_id)}/{name}")
+        self.store.delete_dir(segments_dir(video_id))
 
     def video_detections(self, video_id: str) -> pl.DataFrame:
         """One video's committed detections (all its parts), for tracking."""
@@ -271,53 +206,25 @@ class OutputDir:
         return pl.concat(parts) if parts else pl.DataFrame(schema=PREDICTION_SCHEMA)
 
     def has_tracks(self) -> bool:
-        return bool(self.store.entries(TRACKS)) or bool(self.store.names(f"{STATE}/tracks"))
+        return bool(self.store.entries(TRACKS)) or bool(self.store.names(TRACKS_STATE_DIR))
 
     def tracks_state(self, video_id: str) -> dict | None:
-        stored = self.store.get(f"{STATE}/tracks/{video_id}.json")
+        stored = self.store.get(tracks_record(video_id))
         return json.loads(stored) if stored is not None else None
 
     def write_tracks(self, video_id: str, rows: pl.DataFrame, state: dict) -> None:
         """The tracks file first, then the record of what it was made from: a kill between leaves it to redo."""
-        self.store.put(f"{TRACKS}/video_id={video_id}/tracks.parquet", _parquet_bytes(rows, compression="zstd"))
-        self.store.put(f"{STATE}/tracks/{video_id}.json", _json_bytes(state))
+        self.store.put(tracks_file(video_id), parquet_bytes(rows, compression="zstd"))
+        self.store.put(tracks_record(video_id), json_bytes(state))
 
     def remove_tracks(self, video_id: str) -> None:
-        self.store.delete(f"{STATE}/tracks/{video_id}.json")
-        self.store.delete(f"{TRACKS}/video_id={video_id}/tracks.parquet")
-        self.store.delete_dir(f"{TRACKS}/video_id={video_id}")
-
-    def write_track_summary(self) -> pl.DataFrame | None:
-        """track_summary.parquet from every video's tracks (removed when there are none); returns it."""
-        if not any(name.startswith("video_id=") for name in self.store.entries(TRACKS)):
-            self.store.delete(TRACK_SUMMARY)
-            return None
-        tracked = pl.concat([
-            pl.read_parquet(data).with_columns(pl.lit(name.removeprefix("video_id=")).alias("video_id"))
-            for name in sorted(self.store.entries(TRACKS))
-            if (data := self.store.get(f"{TRACKS}/{name}/tracks.parquet")) is not None
-        ], how="diagonal_relaxed")
-        summary = (
-            tracked.filter(pl.col("track_id").is_not_null())
-            .sort("video_id", "track_id", "frame_index")
-            .group_by("video_id", "track_id", maintain_order=True)
-            .agg(
-                pl.col("class_name").mode().sort().first().alias("class_name"),
-                pl.col("frame_index").first().alias("first_frame_index"),
-                pl.col("frame_index").last().alias("last_frame_index"),
-                pl.col("timestamp_s").first().alias("first_timestamp_s"),
-                pl.col("timestamp_s").last().alias("last_timestamp_s"),
-                pl.col("frame_index").n_unique().cast(pl.Int64).alias("frames"),
-                pl.col("score").mean().alias("mean_score"),
-                pl.col("score").max().alias("max_score"),
-            )
-        )
-        self.store.put(TRACK_SUMMARY, _parquet_bytes(summary))
-        return summary
+        self.store.delete(tracks_record(video_id))
+        self.store.delete(tracks_file(video_id))
+        self.store.delete_dir(tracks_dir(video_id))
 
     def commit_part(self, video_id: str, start: int, end: int, rows: pl.DataFrame, compression: str) -> None:
-        data = _parquet_bytes(rows, compression=compression, statistics=True)
-        self.store.put(f"{partition(video_id)}/part-{start:010d}-{end:010d}.parquet", data)
+        data = parquet_bytes(rows, compression=compression, statistics=True)
+        self.store.put(part(video_id, start, end), data)
 
     def count_detections(self, video_id: str, start: int = 0, end: int | None = None) -> int:
         """Rows in the committed parts of `video_id` within the frames [start, end), read from their footers."""
@@ -328,19 +235,19 @@ class OutputDir:
         return total
 
     def write_status(self, status: VideoStatus) -> None:
-        self.store.put(f"{STATE}/videos/{status.video_id}.json", status.to_json())
+        self.store.put(status_record(status.video_id), status.to_json())
 
     def read_status(self, video_id: str) -> VideoStatus | None:
-        data = self.store.get(f"{STATE}/videos/{video_id}.json")
+        data = self.store.get(status_record(video_id))
         return VideoStatus.from_json(data) if data is not None else None
 
     def write_videos_table(self, statuses: list[VideoStatus]) -> None:
         rows = [{k: getattr(s, k) for k in VIDEO_SCHEMA} for s in statuses]
         frame = pl.DataFrame(rows, schema=VIDEO_SCHEMA)
-        self.store.put(VIDEOS_TABLE, _parquet_bytes(frame.sort("path")))
+        self.store.put(VIDEOS_TABLE, parquet_bytes(frame.sort("path")))
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self.store.put(MANIFEST, _json_bytes(manifest))
+        self.store.put(MANIFEST, json_bytes(manifest))
 
 
 def detections_frame(
@@ -372,23 +279,4 @@ def detections_frame(
             "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3],
         },
         schema=PREDICTION_SCHEMA,
-    )
-
-
-def scan_predictions(output_dir: str, storage_options: dict[str, str] | None = None) -> pl.LazyFrame:
-    """All detections, with video_id from the partition directory; the way users read the output.
-
-    video_id is taken from the part's own directory, not by Hive parsing of the whole path: polars reads
-    every `key=value` directory as a partition, and a sweep's run directories (`score_threshold=0.25`)
-    would then be columns the schema does not know.
-    """
-    return pl.scan_parquet(
-        f"{output_dir}/{PREDICTIONS}/**/*.parquet",
-        hive_partitioning=False,
-        schema=PREDICTION_SCHEMA,
-        storage_options=storage_options,
-        include_file_paths="_part_path",
-    ).select(
-        pl.exclude("_part_path"),
-        pl.col("_part_path").str.extract(r"video_id=([^/]+)/[^/]+$").alias("video_id"),
     )

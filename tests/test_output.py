@@ -8,14 +8,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from job import write
+from job import layout, output, status
 from job.errors import OutputNotWritableError, SettingsMismatchError
+from job.output import OutputDir
+from job.status import VideoStatus
 from job.storage import Store, atomic_write
-from job.write import OutputDir, VideoStatus
 
 
 def rows(n, start=0):
-    return write.detections_frame(
+    return output.detections_frame(
         range(start, start + n), [i * 0.04 for i in range(start, start + n)],
         [np.array([[1, 2, 3, 4]], dtype=np.float32)] * n, [np.array([0.9], dtype=np.float32)] * n,
         [np.array([1])] * n, ["person"],
@@ -28,13 +29,13 @@ def test_parts_chain_and_resume_point(tmp_path):
     out.commit_part("v-1", 0, 10, rows(10), "zstd")
     out.commit_part("v-1", 10, 25, rows(15, 10), "zstd")
     assert out.committed_end("v-1") == 25
-    directory = tmp_path / write.partition("v-1")
+    directory = tmp_path / layout.partition("v-1")
     out.commit_part("v-1", 40, 50, rows(10, 40), "zstd")  # a gap: must not be trusted
     assert out.committed_end("v-1") == 25
     assert sorted(p.name for p in directory.iterdir()) == [
         "part-0000000000-0000000010.parquet", "part-0000000010-0000000025.parquet",
     ]
-    table = write.scan_predictions(tmp_path).collect()
+    table = layout.scan_predictions(tmp_path).collect()
     assert table["frame_index"].to_list() == list(range(25))
     assert set(table["video_id"]) == {"v-1"} and set(table["class_name"]) == {"person"}
 
@@ -43,7 +44,7 @@ def test_empty_parts_are_valid_and_typed(tmp_path):
     out = OutputDir(tmp_path)
     out.commit_part("v-2", 0, 8, rows(0), "zstd")
     assert out.committed_end("v-2") == 8
-    assert write.scan_predictions(tmp_path).collect().height == 0
+    assert layout.scan_predictions(tmp_path).collect().height == 0
     plain = pl.scan_parquet(f"{tmp_path}/predictions/**/*.parquet", hive_partitioning=True).collect()
     assert plain.height == 0
 
@@ -98,7 +99,7 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
 def test_videos_table_has_the_documented_schema(tmp_path):
     OutputDir(tmp_path).write_videos_table([VideoStatus(video_id="a-1", path="a.mp4", error="x")])
     table = pl.read_parquet(tmp_path / "videos.parquet")
-    assert table.schema == pl.Schema(write.VIDEO_SCHEMA)
+    assert table.schema == pl.Schema(status.VIDEO_SCHEMA)
     assert "retryable" not in table.columns
     assert table.row(0, named=True)["frame_count"] is None
     assert table.row(0, named=True)["status"] == "failed"
@@ -127,6 +128,6 @@ def test_writes_are_staged_outside_the_partitions_so_a_video_reads_alone_mid_run
     out.commit_part("v-1", 0, 10, rows(10), "zstd")
     torn = tmp_path / "_state" / "tmp" / ".part-0000000010-0000000020.parquet.abc.tmp"
     torn.write_bytes(b"a write killed before its rename")
-    assert [p.name for p in (tmp_path / write.partition("v-1")).iterdir()] == ["part-0000000000-0000000010.parquet"]
-    assert pl.read_parquet(tmp_path / write.partition("v-1")).height == 10
+    assert [p.name for p in (tmp_path / layout.partition("v-1")).iterdir()] == ["part-0000000000-0000000010.parquet"]
+    assert pl.read_parquet(tmp_path / layout.partition("v-1")).height == 10
     assert out.committed_end("v-1") == 10

@@ -1,0 +1,51 @@
+"""balance: only the last videos are cut, so that the actors finish together."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from job.balance import MIN_SEGMENT_FRAMES, TailSizer, last_video_cuts, tail_segment_frames
+from job.discover import Video
+from job.segments import Task, cut_points
+from job.status import VideoStatus
+
+
+def test_only_the_last_videos_are_cut_shorter_so_that_the_actors_finish_together():
+    # 5 x 200 frames handed out in turn to 2 actors: four run whole, the last in segments.
+    sizes = [tail_segment_frames(1800, 200, queued, 2) for queued in (1000, 800, 600, 400, 200)]
+    assert sizes == [1800, 1800, 1800, 1800, MIN_SEGMENT_FRAMES]
+    assert cut_points(np.array([0]), 200, MIN_SEGMENT_FRAMES) == [0, 100, 200]  # two even halves
+    assert tail_segment_frames(1800, 10_000, 10_000, 2) == 1250  # one long video: about 4 segments per actor
+    assert tail_segment_frames(1800, 10**6, 10**6, 2) == 1800  # never longer than ray.segment_frames
+    assert tail_segment_frames(40, 200, 200, 2) == 40  # nor than a shorter ray.segment_frames
+    assert tail_segment_frames(1800, 200, 200, 1) == 1800  # one actor has no one to wait for
+    assert tail_segment_frames(1800, None, 200, 2) == 1800  # frame count unknown (object store)
+    assert tail_segment_frames(None, 200, 200, 2) is None  # never split
+
+
+def test_the_tail_sizer_counts_the_queued_videos_and_segments():
+    video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(3)]
+    sizer = TailSizer({"v0": 200, "v1": 200, "v2": 200}, 1800, 2)
+    assert sizer.size(Task(video[0]), [Task(video[2]), Task(video[1])], []).segment_frames == 1800  # run whole
+    assert sizer.size(Task(video[0]), [], []).segment_frames == MIN_SEGMENT_FRAMES  # the last one: cut
+    # A split video's queued segments count as what they span: 200 + 2 x 100 left, 200 each for 2 actors.
+    segments = [Task(video[1], 0, 100), Task(video[1], 100, 200)]
+    assert sizer.size(Task(video[0]), segments, []).segment_frames == 1800
+    assert sizer.size(Task(video[0]), segments[:1], []).segment_frames == MIN_SEGMENT_FRAMES
+
+
+def test_the_last_video_is_cut_so_that_every_actor_ends_together():
+    video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(2)]
+    sizer = TailSizer({"v0": 200, "v1": 200}, 1800, 2)
+    running = [(Task(video[1]), 3.625)]
+    assert sizer.size(Task(video[0]), [], running).cuts is None  # no task finished yet: speed unknown
+    sizer.done(VideoStatus(video_id="v9", path="9.mp4", frame_count=200, seconds=5.0))  # 40 frames/s
+    # v1 has 200 - 3.625 s x 40 = 55 frames left: the free actor takes 127.5 frames, v1's actor 72.5 after.
+    assert sizer.size(Task(video[0]), [], running).cuts == (128,)
+    assert last_video_cuts(200, [55]) == [128]
+    assert last_video_cuts(200, [0, 0, 0]) == [50, 100, 150]  # idle actors: even pieces
+    assert last_video_cuts(200, [300]) == []  # the other actor ends later anyway: run it whole
+    assert last_video_cuts(300, [10, 250]) == [155]  # one ends later than the other two: 155 + 145
+    assert last_video_cuts(200, [190]) == []  # a 5-frame piece is not worth its start
+    assert TailSizer({"v0": 200}, None, 2).size(Task(video[0]), [], running) == Task(video[0])  # never split
+    assert TailSizer({"v0": 200}, 1800, 1).size(Task(video[0]), [], running) == Task(video[0])  # one actor
