@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from job.layout import MANIFEST, STATE, TRACK_SUMMARY, scan_predictions
+from job.layout import ANALYTICS_COUNTS, MANIFEST, STATE, TRACK_SUMMARY, scan_predictions
 
 
 def find_runs(output_dir: Path) -> list[Path]:
@@ -44,8 +44,23 @@ def runs_table(output_dir: Path) -> pl.DataFrame:
                    frame_stride=settings["frame_stride"], videos=totals["videos"], frames=totals["frames"],
                    detections=totals["detections"],
                    frames_per_s=round(totals["frames"] / steady, 2) if steady else None)
+        row.update(_analytics_totals(run_dir))
         rows.append(row)
-    return pl.DataFrame(rows, schema_overrides={"score_threshold": pl.Float64, "frames_per_s": pl.Float64})
+    table = pl.DataFrame(rows, schema_overrides={"score_threshold": pl.Float64, "frames_per_s": pl.Float64,
+                                                 "line_crossings": pl.Int64, "zone_visits": pl.Int64})
+    return table.drop([c for c in ("line_crossings", "zone_visits") if c in table.columns
+                       and table[c].null_count() == table.height])
+
+
+def _analytics_totals(run_dir: Path) -> dict[str, int | None]:
+    """Crossings of all lines and visits of all zones, for runs with analytics (null otherwise)."""
+    totals: dict[str, int | None] = {"line_crossings": None, "zone_visits": None}
+    if (run_dir / ANALYTICS_COUNTS).exists():
+        counts = pl.read_parquet(run_dir / ANALYTICS_COUNTS)
+        lines, zones = counts.filter(pl.col("kind") == "line"), counts.filter(pl.col("kind") == "zone")
+        totals["line_crossings"] = int(lines["in"].sum() + lines["out"].sum())
+        totals["zone_visits"] = int(zones["visits"].sum())
+    return totals
 
 
 def per_class_table(output_dir: Path) -> pl.DataFrame:

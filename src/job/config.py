@@ -111,6 +111,58 @@ class TrackerConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+class Anchor(str, Enum):
+    """The point of a box that must cross a line or be inside a zone."""
+
+    center = "center"
+    bottom_center = "bottom_center"
+    top_center = "top_center"
+    center_left = "center_left"
+    center_right = "center_right"
+    top_left = "top_left"
+    top_right = "top_right"
+    bottom_left = "bottom_left"
+    bottom_right = "bottom_right"
+
+
+@dataclass
+class LineConfig:
+    """A counting line from `start` to `end`, in fractions of the displayed frame's width and height.
+
+    Crossing it from its left to its right, walking from start to end in image coordinates (y down), is `in`.
+    """
+
+    name: str = MISSING
+    start: list[float] = MISSING  # [x, y]
+    end: list[float] = MISSING  # [x, y]
+    classes: Optional[list[str]] = None  # noqa: UP045  (null: every class)
+    anchor: Anchor = Anchor.bottom_center
+    # Observations on the other side, in a row, before a crossing counts (against flicker on the line).
+    min_frames: int = 1
+    videos: Optional[str] = None  # noqa: UP045  (a glob on the video's path, e.g. "cam1/*"; null: all)
+
+
+@dataclass
+class ZoneConfig:
+    """A zone: a polygon in fractions of the displayed frame's width and height."""
+
+    name: str = MISSING
+    polygon: list[list[float]] = MISSING  # [[x, y], ...], at least 3 points
+    classes: Optional[list[str]] = None  # noqa: UP045
+    anchor: Anchor = Anchor.bottom_center
+    # Observations inside (to enter) or outside (to leave), in a row, before a visit starts or ends.
+    min_frames: int = 1
+    videos: Optional[str] = None  # noqa: UP045
+
+
+@dataclass
+class AnalyticsConfig:
+    """Lines and zones counted from each video's tracks (a tracker is required)."""
+
+    lines: list[LineConfig] = field(default_factory=list)
+    zones: list[ZoneConfig] = field(default_factory=list)
+
+
 @dataclass
 class JobConfig:
     video_dir: str = MISSING
@@ -133,6 +185,7 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
     # Make the results report (python -m job.report) at the end of the run: it decodes and encodes again.
     report: bool = False
 
@@ -199,6 +252,7 @@ def register_configs() -> None:
     cs.store(group="ray", name="base_ray", node=RayConfig)
     cs.store(group="output", name="base_output", node=OutputConfig)
     cs.store(group="tracker", name="base_tracker", node=TrackerConfig)
+    cs.store(group="analytics", name="base_analytics", node=AnalyticsConfig)
     cs.store(name="base_report", node=ReportConfig)
 
 
@@ -284,8 +338,37 @@ def validate(cfg: JobConfig) -> None:
         problems.append("ray.max_video_attempts must be >= 1")
     if cfg.tracker.name is not None and cfg.tracker.name not in TRACKERS:
         problems.append(f"tracker must be one of {', '.join(TRACKERS)} or null, got {cfg.tracker.name}")
+    problems += _analytics_problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _analytics_problems(cfg: JobConfig) -> list[str]:
+    lines, zones = cfg.analytics.lines, cfg.analytics.zones
+    if not lines and not zones:
+        return []
+    if cfg.tracker.name is None:
+        return ["analytics counts tracks: add tracker=bytetrack (or sort, ocsort)"]
+    problems = []
+    names = [item.name for item in [*lines, *zones]]
+    if len(set(names)) != len(names):
+        problems.append(f"analytics: every line and zone needs its own name, got {', '.join(names)}")
+
+    def fractions(points: list[list[float]]) -> bool:
+        return all(len(p) == 2 and all(0.0 <= v <= 1.0 for v in p) for p in points)
+
+    for line in lines:
+        if not fractions([line.start, line.end]) or line.start == line.end:
+            problems.append(f"analytics line {line.name}: start and end must be two different [x, y] points in "
+                            f"fractions of the frame (0..1), got {line.start} and {line.end}")
+    for zone in zones:
+        if len(zone.polygon) < 3 or not fractions(zone.polygon):
+            problems.append(f"analytics zone {zone.name}: polygon must be at least 3 [x, y] points in fractions "
+                            f"of the frame (0..1), got {zone.polygon}")
+    for item in [*lines, *zones]:
+        if item.min_frames < 1:
+            problems.append(f"analytics {item.name}: min_frames must be >= 1, got {item.min_frames}")
+    return problems
 
 
 def for_device(cfg: JobConfig, device_type: str) -> JobConfig:

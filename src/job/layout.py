@@ -4,6 +4,7 @@
       predictions/video_id=<id>/part-<start>-<end>.parquet   detections of frames [start, end)
       tracks/video_id=<id>/tracks.parquet                     its detections with track_id (tracker=...)
       track_summary.parquet                                   one row per track
+      analytics/line_crossings.parquet, zone_visits.parquet, counts.parquet   lines and zones (analytics=...)
       videos.parquet                                          one row per discovered file
       manifest.json                                           the last run: config, versions, totals
       _state/settings.json                                    what the detections depend on
@@ -34,6 +35,11 @@ STATUS_DIR = f"{STATE}/videos"
 PROGRESS_DIR = f"{STATE}/progress"
 TRACKS_STATE_DIR = f"{STATE}/tracks"
 SEGMENTS_DIR = f"{STATE}/segments"
+ANALYTICS = "analytics"
+LINE_CROSSINGS = f"{ANALYTICS}/line_crossings.parquet"
+ZONE_VISITS = f"{ANALYTICS}/zone_visits.parquet"
+ANALYTICS_COUNTS = f"{ANALYTICS}/counts.parquet"
+ANALYTICS_RECORD = f"{STATE}/analytics.json"  # what the analytics tables were computed from
 
 PREDICTION_SCHEMA = {
     "frame_index": pl.Int64,

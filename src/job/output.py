@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 
 from job.errors import SettingsMismatchError
 from job.layout import (
+    ANALYTICS_COUNTS,
+    ANALYTICS_RECORD,
+    LINE_CROSSINGS,
     MANIFEST,
     PART,
     PREDICTION_SCHEMA,
@@ -30,6 +33,7 @@ from job.layout import (
     TRACKS,
     TRACKS_STATE_DIR,
     VIDEOS_TABLE,
+    ZONE_VISITS,
     part,
     partition,
     progress_record,
@@ -221,6 +225,23 @@ class OutputDir:
         self.store.delete(tracks_record(video_id))
         self.store.delete(tracks_file(video_id))
         self.store.delete_dir(tracks_dir(video_id))
+
+    def analytics_record(self) -> dict | None:
+        stored = self.store.get(ANALYTICS_RECORD)
+        return json.loads(stored) if stored is not None else None
+
+    def write_analytics(self, crossings: pl.DataFrame, visits: pl.DataFrame, counts: pl.DataFrame,
+                        record: dict) -> None:
+        """The three tables, each whole, then the record of what they were made from: a kill before the
+        record leaves them to be made again (the same rows)."""
+        self.store.put(LINE_CROSSINGS, parquet_bytes(crossings))
+        self.store.put(ZONE_VISITS, parquet_bytes(visits))
+        self.store.put(ANALYTICS_COUNTS, parquet_bytes(counts))
+        self.store.put(ANALYTICS_RECORD, json_bytes(record))
+
+    def analytics_tables(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(line crossings, zone visits) as last written."""
+        return tuple(pl.read_parquet(self.store.get(name)) for name in (LINE_CROSSINGS, ZONE_VISITS))
 
     def commit_part(self, video_id: str, start: int, end: int, rows: pl.DataFrame, compression: str) -> None:
         data = parquet_bytes(rows, compression=compression, statistics=True)

@@ -56,6 +56,10 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
     cfg = plan.settings
     if cfg.tracker.name or output.has_tracks():
         _track(plan, output, statuses)
+    if cfg.analytics.lines or cfg.analytics.zones:
+        from job.analytics import update_analytics
+
+        update_analytics(output, cfg.analytics, [*statuses.values(), *plan.missing])
     summary = summarize(str(cfg.output_dir), plan.videos, statuses, len(plan.finished),
                         [v.video_id for v in plan.todo], time.monotonic() - started, processing_seconds,
                         missing=len(plan.missing))

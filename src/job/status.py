@@ -36,6 +36,8 @@ class VideoStatus:
     worker: str | None = _column(pl.String)  # host:pid of the Ray actor that finished it
     device: str | None = _column(pl.String)
     tracks: int | None = _column(pl.Int64)  # distinct confirmed tracks (with a tracker), filled in by the driver
+    line_crossings: int | None = _column(pl.Int64)  # with analytics lines: crossings of all lines, both ways
+    zone_visits: int | None = _column(pl.Int64)  # with analytics zones: visits of all zones
     # Kept in the status record, not in the table: whether a rerun should try again (not for facts
     # about the file, yes for crashes and bugs), and the frames this attempt detected (the rest of
     # frames_processed was committed by an earlier run).
