@@ -149,9 +149,21 @@ def test_lines_and_zones_from_a_users_yaml_counted_over_a_directory_rotated_vide
     command = [f"--config-dir={tmp_path / 'configs'}", "analytics=site", f"video_dir={tmp_path / 'videos'}",
                f"output_dir={out}", "model._target_=plugins.build", "tracker=bytetrack", "device=cpu",
                "ray.num_cpus=2", "ray.num_actors=1", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    result = run_cli(*command, env=env, timeout=600)
+    result = run_cli(*command, "report=true", env=env, timeout=600)
     assert result.returncode == 0, result.output[-3000:]
     videos = pl.read_parquet(out / "videos.parquet").sort("path")
+    # The report draws the line (yellow) on the preview and the sheet, where the square never goes.
+    from PIL import Image
+
+    from job.decode import iter_batches, probe
+
+    for video_id in videos["video_id"]:
+        preview = out / "report" / video_id / "preview.mp4"
+        first = next(iter_batches(str(preview), probe(str(preview)), batch_size=1)).frames[0].int()
+        column = first[30:90, 162:165].float().mean(dim=1)  # x = 163.2 px, above the square (rows 100-140)
+        assert (column[:, 0] > 180).all() and (column[:, 1] > 180).all() and (column[:, 2] < 90).all(), column
+        sheet = np.asarray(Image.open(out / "report" / video_id / "sheet.jpg").convert("RGB")).astype(int)
+        assert ((sheet[..., 0] > 180) & (sheet[..., 1] > 180) & (sheet[..., 2] < 90)).sum() > 100
     assert videos.select("path", "rotation", "line_crossings", "zone_visits").rows() == [
         ("phone.mp4", 90, 1, 1), ("plain.mp4", 0, 1, 1)]
     crossings = pl.read_parquet(out / "analytics" / "line_crossings.parquet")

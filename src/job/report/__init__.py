@@ -16,13 +16,14 @@ import tempfile
 
 import polars as pl
 
+from job.analytics import COUNTS_SCHEMA
 from job.config import ReportConfig
 from job.decode import VideoError, detected_frames, probe
 from job.discover import discover_videos
 from job.errors import ConfigError, JobError
-from job.layout import MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE
+from job.layout import ANALYTICS_COUNTS, MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE
 from job.output import OutputDir
-from job.report import page, pictures, timeline
+from job.report import draw, page, pictures, timeline
 from job.video_cache import local_copy
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ def make_report(cfg: ReportConfig) -> str:
                                                            return_dtype=pl.Boolean))
     video_dir = cfg.video_dir or manifest["config"]["video_dir"]
     frame_stride = int(manifest["config"].get("frame_stride", 1))
+    analytics = manifest["config"].get("analytics") or {}  # the lines and zones drawn, with their counts
+    counts_bytes = output.store.get(ANALYTICS_COUNTS)
+    counts = pl.read_parquet(counts_bytes) if counts_bytes is not None else pl.DataFrame(schema=COUNTS_SCHEMA)
     try:
         located = {video.video_id: video.path for video in discover_videos(video_dir)}
         not_found = f"not in video_dir={video_dir} any more (moved or deleted; pass video_dir= where it is now)"
@@ -68,7 +72,7 @@ def make_report(cfg: ReportConfig) -> str:
             entry.note = f"cannot be read again: {not_found}"
             continue
         try:
-            _pictures(output, located[row["video_id"]], row, rows, frame_stride, cfg)
+            _pictures(output, located[row["video_id"]], row, rows, frame_stride, cfg, analytics, counts)
         except (VideoError, OSError) as exc:
             entry.note = f"cannot be read again: {exc}"
             continue
@@ -105,7 +109,7 @@ def _selected(rows: pl.DataFrame, cfg: ReportConfig) -> pl.DataFrame:
 
 
 def _pictures(output: OutputDir, video_path: str, row: dict, rows: pl.DataFrame, frame_stride: int,
-              cfg: ReportConfig) -> None:
+              cfg: ReportConfig, analytics: dict, counts: pl.DataFrame) -> None:
     folder = f"{REPORT}/{row['video_id']}"
     with local_copy(video_path) as path, tempfile.TemporaryDirectory(prefix="job-report-") as scratch:
         info = probe(path)
@@ -113,8 +117,10 @@ def _pictures(output: OutputDir, video_path: str, row: dict, rows: pl.DataFrame,
         figure = timeline.plot(timeline.timeline_data(rows, detected), row["path"])
         output.store.put(f"{folder}/timeline.png", timeline.png(figure))
         preview = os.path.join(scratch, "preview.mp4")
+        overlays = draw.overlays_for(analytics, row["path"], counts.filter(pl.col("video_id") == row["video_id"]),
+                                     info.width, info.height)
         frames = pictures.render(path, info, rows, frame_stride, cfg.preview_seconds,
-                                 pictures.sheet_frames(rows, cfg.sheet_frames), preview)
+                                 pictures.sheet_frames(rows, cfg.sheet_frames), preview, overlays)
         with open(preview, "rb") as handle:
             output.store.put(f"{folder}/preview.mp4", handle.read())
         output.store.put(f"{folder}/sheet.jpg", pictures.contact_sheet(frames))

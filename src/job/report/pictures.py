@@ -13,17 +13,18 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from job.decode import VideoInfo, iter_batches
-from job.report.draw import annotate
+from job.report.draw import Overlay, annotate, draw_overlays
 
 SHEET_TILE_WIDTH = 480
 
 
 def render(path: str, info: VideoInfo, rows: pl.DataFrame, frame_stride: int, preview_seconds: float | None,
-           sheet_indices: list[int], preview_file: str) -> list[tuple[int, float, torch.Tensor]]:
+           sheet_indices: list[int], preview_file: str,
+           overlays: list[Overlay] | None = None) -> list[tuple[int, float, torch.Tensor]]:
     """Writes preview_file; returns the sheet's frames annotated, as (frame_index, timestamp_s, frame).
 
     A frame the detector did not see (frame_stride) shows the boxes of the last frame it saw, as a
-    viewer expects from boxes that stay on screen between detections.
+    viewer expects from boxes that stay on screen between detections. `overlays`: counting lines and zones.
     """
     by_frame = {key[0]: group for key, group in rows.group_by("frame_index")}
     empty = rows.clear()
@@ -39,9 +40,10 @@ def render(path: str, info: VideoInfo, rows: pl.DataFrame, frame_stride: int, pr
                     shown = by_frame.get(index, empty)
                 in_preview = preview_seconds is None or timestamp < preview_seconds
                 if in_preview:
-                    preview.add(annotate(frame, shown), timestamp)
+                    preview.add(draw_overlays(annotate(frame, shown), overlays or []), timestamp)
                 if index in wanted:
-                    sheet.append((index, timestamp, annotate(frame, by_frame.get(index, empty))))
+                    sheet.append((index, timestamp, draw_overlays(annotate(frame, by_frame.get(index, empty)),
+                                                                  overlays or [])))
                 if not in_preview and index >= last_sheet:
                     return sheet
     return sheet
