@@ -1,9 +1,10 @@
-"""Line up the runs of a sweep side by side: `python -m job.compare OUTPUT_DIR`.
+"""Line up the runs of a sweep side by side: `python -m job.compare OUTPUT_DIR [--by map|f1|hota]`.
 
 OUTPUT_DIR is a sweep's output_dir (its runs are the directories under it) or one run's output_dir.
 Prints, with polars, one row per run (a short label, its settings, frames, detections, frames/s;
 a run without a manifest is listed as failed or unfinished) and detections per class, one column
 per run label, with distinct objects (tracks) per class beside it for runs made with a tracker.
+Evaluated runs (python -m job.evaluate) show map, f1 and hota; `--by` ranks them and names the best.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import polars as pl
 
-from job.layout import ANALYTICS_COUNTS, MANIFEST, STATE, TRACK_SUMMARY, scan_predictions
+from job.layout import (
+    ANALYTICS_COUNTS,
+    EVALUATION_DETECTION,
+    EVALUATION_TRACKING,
+    MANIFEST,
+    STATE,
+    TRACK_SUMMARY,
+    scan_predictions,
+)
 
 
 def find_runs(output_dir: Path) -> list[Path]:
@@ -45,11 +54,31 @@ def runs_table(output_dir: Path) -> pl.DataFrame:
                    detections=totals["detections"],
                    frames_per_s=round(totals["frames"] / steady, 2) if steady else None)
         row.update(_analytics_totals(run_dir))
+        row.update(_evaluation_scores(run_dir))
         rows.append(row)
     table = pl.DataFrame(rows, schema_overrides={"score_threshold": pl.Float64, "frames_per_s": pl.Float64,
-                                                 "line_crossings": pl.Int64, "zone_visits": pl.Int64})
-    return table.drop([c for c in ("line_crossings", "zone_visits") if c in table.columns
+                                                 "line_crossings": pl.Int64, "zone_visits": pl.Int64,
+                                                 **dict.fromkeys(RANKINGS, pl.Float64)})
+    return table.drop([c for c in ("line_crossings", "zone_visits", *RANKINGS) if c in table.columns
                        and table[c].null_count() == table.height])
+
+
+# What `--by` ranks runs by: mAP and F1 (at the run's score threshold) over all videos and classes, HOTA
+# averaged over the evaluated videos.
+RANKINGS = ("map", "f1", "hota")
+
+
+def _evaluation_scores(run_dir: Path) -> dict[str, float | None]:
+    scores: dict[str, float | None] = dict.fromkeys(RANKINGS)
+    detection = run_dir / EVALUATION_DETECTION
+    if detection.exists():
+        overall = pl.read_parquet(detection).filter(pl.col("video_id").is_null() & pl.col("class_name").is_null())
+        first = overall.sort("score_threshold").row(0, named=True)
+        scores["map"], scores["f1"] = first["ap"], first["f1"]
+    tracking = run_dir / EVALUATION_TRACKING
+    if tracking.exists():
+        scores["hota"] = pl.read_parquet(tracking).filter(pl.col("class_name").is_null())["hota"].mean()
+    return scores
 
 
 def _analytics_totals(run_dir: Path) -> dict[str, int | None]:
@@ -84,6 +113,12 @@ def per_class_table(output_dir: Path) -> pl.DataFrame:
 
 
 def main(argv: list[str]) -> int:
+    by = None
+    if len(argv) == 3 and argv[1] == "--by":
+        argv, by = argv[:1], argv[2]
+        if by not in RANKINGS:
+            print(f"--by {by}: rank by one of {', '.join(RANKINGS)}", file=sys.stderr)
+            return 2
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr if len(argv) != 1 else sys.stdout)
         return 0 if argv in (["-h"], ["--help"]) else 2
@@ -92,8 +127,19 @@ def main(argv: list[str]) -> int:
         print(f"no runs (directories with {MANIFEST} or {STATE}/) at or under {output_dir}", file=sys.stderr)
         return 2
     with pl.Config(tbl_rows=200, tbl_cols=50, tbl_width_chars=250, fmt_str_lengths=120):
-        print(runs_table(output_dir))
+        runs = runs_table(output_dir)
+        if by is not None:
+            if by not in runs.columns:
+                print(f"--by {by}: no run here has been evaluated for it (python -m job.evaluate, or "
+                      f"evaluate.ground_truth= on the job{'; and a tracker for hota' if by == 'hota' else ''})",
+                      file=sys.stderr)
+                return 2
+            runs = runs.sort(by, descending=True, nulls_last=True)
+        print(runs)
         print(per_class_table(output_dir))
+        if by is not None:
+            best = runs.row(0, named=True)
+            print(f"best by {by}: {best['run']} ({by} {best[by]:.4f})")
     return 0
 
 

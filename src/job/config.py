@@ -164,6 +164,28 @@ class AnalyticsConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Ground truth to evaluate a run's detections and tracks against (job.evaluate)."""
+
+    # A MOTChallenge directory (<video>/gt/gt.txt) or a COCO JSON file with videos and images; null: none.
+    ground_truth: Optional[str] = None  # noqa: UP045
+    # The ground truth's class names as the run's: {pedestrian: person} (null: as they are). Typed Any:
+    # Hydra cannot override an empty typed dict, nor a null Optional one, with a dict from the command line.
+    classes: Any = None
+    # Ground-truth classes whose boxes neither count as misses nor make detections false positives.
+    ignore_classes: list[str] = field(default_factory=list)
+    # A detection matches a true box with at least this IoU (precision, recall, F1, CLEAR, IDF1).
+    iou: float = 0.5
+
+
+@dataclass
+class EvaluateConfig(EvaluationConfig):
+    """`python -m job.evaluate output_dir=OUT ground_truth=PATH`."""
+
+    output_dir: str = MISSING
+
+
+@dataclass
 class JobConfig:
     video_dir: str = MISSING
     output_dir: str = MISSING
@@ -186,6 +208,8 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
+    # evaluate.ground_truth=PATH: evaluate against it at the end of the run (evaluation/).
+    evaluate: EvaluationConfig = field(default_factory=EvaluationConfig)
     # Make the results report (python -m job.report) at the end of the run: it decodes and encodes again.
     report: bool = False
 
@@ -254,6 +278,7 @@ def register_configs() -> None:
     cs.store(group="tracker", name="base_tracker", node=TrackerConfig)
     cs.store(group="analytics", name="base_analytics", node=AnalyticsConfig)
     cs.store(name="base_report", node=ReportConfig)
+    cs.store(name="base_evaluate", node=EvaluateConfig)
 
 
 def load(cfg: DictConfig) -> JobConfig:
@@ -289,6 +314,27 @@ def load_report(cfg: DictConfig) -> ReportConfig:
         raise ConfigError(f"preview_seconds must be > 0 or null (the whole video), got {settings.preview_seconds}")
     if settings.sheet_frames < 1:
         raise ConfigError(f"sheet_frames must be >= 1, got {settings.sheet_frames}")
+    return settings
+
+
+def load_evaluate(cfg: DictConfig) -> EvaluateConfig:
+    """`python -m job.evaluate`'s composed config as typed settings, checked."""
+    unknown = unknown_keys(cfg, EvaluateConfig)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(unknown)}: python -m job.evaluate --help lists the settings")
+    missing = [key for key in ("output_dir",) if OmegaConf.is_missing(cfg, key)]
+    if missing or not cfg.get("ground_truth"):
+        raise ConfigError("output_dir and ground_truth are required: python -m job.evaluate "
+                          "output_dir=/path/to/a/run/output ground_truth=/path/to/annotations")
+    settings = OmegaConf.to_object(cfg)
+    assert isinstance(settings, EvaluateConfig), type(settings)
+    settings.output_dir = _local_path(settings.output_dir)
+    settings.ground_truth = _local_path(settings.ground_truth)
+    if not 0.0 < settings.iou <= 1.0:
+        raise ConfigError(f"iou must be within (0, 1], got {settings.iou}")
+    problems = _class_map_problems(settings)
+    if problems:
+        raise ConfigError(problems[0])
     return settings
 
 
@@ -339,8 +385,22 @@ def validate(cfg: JobConfig) -> None:
     if cfg.tracker.name is not None and cfg.tracker.name not in TRACKERS:
         problems.append(f"tracker must be one of {', '.join(TRACKERS)} or null, got {cfg.tracker.name}")
     problems += _analytics_problems(cfg)
+    problems += _class_map_problems(cfg.evaluate, "evaluate.")
+    truth = cfg.evaluate.ground_truth
+    if truth is not None and not is_uri(truth) and not os.path.exists(os.path.expanduser(truth)):
+        problems.append(f"evaluate.ground_truth={truth} does not exist; pass a MOTChallenge directory or a COCO "
+                        f"JSON file")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _class_map_problems(settings: EvaluationConfig, prefix: str = "") -> list[str]:
+    classes = settings.classes
+    if classes is None or (isinstance(classes, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in classes.items())):
+        return []
+    return [f"{prefix}classes must map ground-truth class names to the run's, e.g. '{{pedestrian: person}}', "
+            f"got {classes!r}"]
 
 
 def _analytics_problems(cfg: JobConfig) -> list[str]:

@@ -69,8 +69,12 @@ def one_line(hydra_says: str, help_command: str) -> str:
     lines = [line.strip() for line in hydra_says.splitlines()
              if line.strip() and not line.startswith("Set the environment variable HYDRA_FULL_ERROR")]
     text = "\n".join(lines)
-    if match := re.search(r"Could not override '([^']+)'", text):
+    if (match := re.search(r"Could not override '([^']+)'", text)) and re.search(r"Key '[^']+' not in '", text):
         return f"unknown setting {match.group(1)}: check its spelling ({help_command} --help lists the settings)"
+    if match:
+        reason = next((line for line in lines[1:] if not line.startswith(("To append", "full_key", "reference_type",
+                                                                          "object_type"))), "")
+        return f"cannot set {match.group(1)}: {reason}".rstrip(": ")
     if match := re.search(r"Could not find '([^']+)'", text):
         group = match.group(1).split("/")[0]
         options = re.search(rf"Available options in '{re.escape(group)}':\n(.*?)(?:\nConfig search path|$)", text,
@@ -78,6 +82,9 @@ def one_line(hydra_says: str, help_command: str) -> str:
         names = [o.strip() for o in options.group(1).splitlines()] if options else []
         names = [name for name in names if name and not name.startswith("base_")]
         return f"{match.group(0)}: choose one of {', '.join(names)}" if names else match.group(0)
+    if re.search(r"mismatched input|no viable alternative|extraneous input|token recognition error", text):
+        return (f"cannot read the command line ({lines[0]}): quote a value holding '=', spaces or brackets, "
+                f"e.g. output_dir='out/score_threshold=0.3'")
     if match := re.search(r"Error merging override (\S+)\n(.*)", text):
         return f"{match.group(1)}: {match.group(2)}"
     return lines[0] if lines else "the configuration could not be composed"

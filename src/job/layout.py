@@ -40,6 +40,10 @@ LINE_CROSSINGS = f"{ANALYTICS}/line_crossings.parquet"
 ZONE_VISITS = f"{ANALYTICS}/zone_visits.parquet"
 ANALYTICS_COUNTS = f"{ANALYTICS}/counts.parquet"
 ANALYTICS_RECORD = f"{STATE}/analytics.json"  # what the analytics tables were computed from
+EVALUATION = "evaluation"
+EVALUATION_DETECTION = f"{EVALUATION}/detection.parquet"
+EVALUATION_TRACKING = f"{EVALUATION}/tracking.parquet"
+EVALUATION_SUMMARY = f"{EVALUATION}/summary.json"
 
 PREDICTION_SCHEMA = {
     "frame_index": pl.Int64,

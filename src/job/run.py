@@ -65,6 +65,10 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
                         missing=len(plan.missing))
     write_tables(output, plan, statuses, summary, started_at, ray_job_id)
     log.info("summary: %s", summary.describe())
+    if cfg.evaluate.ground_truth:
+        from job.evaluate import evaluate_run, headline
+
+        log.info("evaluation: %s", headline(evaluate_run(output, cfg.evaluate)))
     if cfg.report:
         from job.config import ReportConfig
         from job.report import make_report
