@@ -3,6 +3,7 @@ the editable install."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,11 @@ def venv_without_the_project(env_dir: Path) -> tuple[Path, Path]:
     (site / "deps.pth").write_text(f"{ours}\n")
     python = env_dir / "bin" / "python"
     probe = subprocess.run([str(python), "-c", "import torch, ray, hydra; import job"], capture_output=True,
-                           text=True, timeout=120, cwd=env_dir)
+                           text=True, timeout=120, cwd=env_dir, env=without_pythonpath())
     assert "No module named 'job'" in probe.stderr, probe.stderr[-2000:]
     return python, site
+
+
+def without_pythonpath() -> dict[str, str]:
+    """This environment less PYTHONPATH, which would let any Python import the checkout's `job`."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

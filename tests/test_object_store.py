@@ -337,3 +337,37 @@ def test_a_store_failing_one_request_in_twenty_gives_exactly_a_clean_runs_rows(s
     videos = pl.read_parquet(client.get_object(Bucket=BUCKET, Key="flaky/videos.parquet")["Body"].read())
     assert videos.select(columns).sort("path").equals(pl.read_parquet(clean / "videos.parquet").select(columns)
                                                       .sort("path"))
+
+
+@pytest.mark.slow
+def test_small_objects_are_one_request_each_and_a_rerun_reads_no_video(s3, weights_path, tmp_path):
+    """Counted through a proxy that fails nothing: every part, record and table is one PUT, a record one GET,
+    fingerprints come from the listing, and a rerun of finished videos sends about one request each."""
+    from faults import FlakyProxy
+
+    client, env, local = s3
+    for i in range(12):
+        client.upload_file(str(local / "clip 1.mp4"), BUCKET, f"many/v{i:02d}.mp4")
+    with FlakyProxy(env["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.failing = False
+        seen: list[tuple[str, str]] = []
+        handler = proxy.server.RequestHandlerClass
+        forward = handler.handle_one
+
+        def counted(self):
+            seen.append((self.command, self.path))
+            return forward(self)
+
+        handler.do_GET = handler.do_PUT = handler.do_POST = handler.do_HEAD = handler.do_DELETE = counted
+        runs = []
+        for _ in ("first", "rerun"):
+            start = len(seen)
+            run_job(f"s3://{BUCKET}/many", f"s3://{BUCKET}/many-out", weights_path,
+                    {**env, "AWS_ENDPOINT_URL": proxy.url}, tmp_path, "ray.num_actors=1")
+            runs.append(seen[start:])
+    first, rerun = runs
+    assert not [path for method, path in first if "uploads" in path or "partNumber" in path], "no multipart"
+    video_reads = [path for method, path in rerun if path.split("?")[0].endswith(".mp4")]
+    assert video_reads == [], "a rerun reads no video bytes (fingerprints from the listing)"
+    # 12 videos, so the run's fixed requests weigh in: before this change 22.7 and 8.0 per video here.
+    assert len(first) / 12 < 16 and len(rerun) / 12 < 3.5, (len(first) / 12, len(rerun) / 12)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from cli import run_cli, venv_without_the_project
+from cli import run_cli, venv_without_the_project, without_pythonpath
 
 from job.samples import write_video
 
@@ -80,13 +80,13 @@ def test_every_readme_command_from_a_non_editable_install_outside_the_checkout(t
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run([str(python), "-c", "import job; print(job.__file__)"], cwd=elsewhere,
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env=without_pythonpath())
     assert where.stdout.startswith(str(site)), where.stdout
     for i in range(2):
         write_video(tmp_path / "videos" / f"clip{i}.mp4", 12, size=(320, 240))
 
     def job(*args: str, module: str = "job"):
-        return run_cli(*args, module=module, cwd=elsewhere, python=python, timeout=600)
+        return run_cli(*args, module=module, cwd=elsewhere, python=python, timeout=600, env=without_pythonpath())
 
     common = [f"video_dir={tmp_path / 'videos'}", f"model.weights={weights_path}", "ray.num_cpus=2",
               "ray.num_actors=1"]

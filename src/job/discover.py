@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from job.errors import VideoDirError
-from job.storage import filesystem_for, is_uri
+from job.storage import filesystem_for, is_uri, s3_client, s3_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ class Video:
     video_id: str
     path: str  # absolute local path, or the object's URI (s3://...)
     relative_path: str  # relative to video_dir, "/"-separated, exactly as on disk
+    # The content's identity where the listing already says it (S3: size and ETag), so that nobody
+    # reads the object to tell whether it changed; None: `storage.fingerprint` reads it.
+    fingerprint: str | None = None
 
 
 def video_id_for(relative_path: str) -> str:
@@ -103,6 +106,8 @@ def _video(relative: str, path: str) -> Video:
 def _discover_remote(video_dir: str) -> list[Video]:
     """Videos under an object-store prefix; `path` stays a URI that workers fetch themselves."""
     scheme = video_dir.split("://", 1)[0]
+    if scheme == "s3" and (client := s3_client()) is not None:
+        return _discover_s3(client, video_dir)
     fs, root = filesystem_for(video_dir)
     root = root.rstrip("/")
     try:
@@ -115,3 +120,24 @@ def _discover_remote(video_dir: str) -> list[Video]:
             relative = info.path[len(root):].lstrip("/")
             videos.append(Video(video_id_for(relative), f"{scheme}://{info.path}", relative))
     return videos
+
+
+def _discover_s3(client, video_dir: str) -> list[Video]:
+    """One LIST request per 1,000 objects, each video with its fingerprint (size, ETag) from the listing."""
+    bucket, _, prefix = video_dir.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    videos = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                if key.endswith("/") or Path(key).suffix.lower() not in VIDEO_EXTENSIONS:
+                    continue
+                relative = key[len(prefix):]
+                videos.append(Video(video_id_for(relative), f"s3://{bucket}/{key}", relative,
+                                    s3_fingerprint(item["Size"], item["ETag"])))
+    except Exception as exc:  # noqa: BLE001 - botocore's errors: no such bucket, no access
+        raise VideoDirError(f"video_dir={video_dir} cannot be listed ({exc}); pass a prefix you can read") from None
+    if not videos and not client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/"), MaxKeys=1).get("KeyCount"):
+        raise VideoDirError(f"video_dir={video_dir} does not exist; pass video_dir=URI_OR_PATH")
+    return sorted(videos, key=lambda v: v.path)

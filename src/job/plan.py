@@ -139,7 +139,7 @@ def _size(video: Video) -> int:
 def _changed(video: Video, previous: VideoStatus) -> bool:
     """Whether the file's content differs from what its final status was made from."""
     try:
-        now = fingerprint(video.path)
+        now = video.fingerprint or fingerprint(video.path)
     except OSError:
         now = None
     if now != previous.fingerprint:

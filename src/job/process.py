@@ -81,7 +81,7 @@ def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detec
              decode_threads: int) -> VideoStatus | Split:
     video = task.video
     try:
-        content = fingerprint(video.path)
+        content = video.fingerprint or fingerprint(video.path)
     except OSError:
         content = None  # unreadable: probe says why
     try:

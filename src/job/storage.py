@@ -63,6 +63,27 @@ def _s3_with_retries(region: str) -> pafs.S3FileSystem:
                              **options)
 
 
+def s3_client():
+    """boto3's S3 client with the job's retries (the `s3` extra), or None without boto3.
+
+    One request per small object: a PUT (pyarrow's output stream sends a 3-request multipart upload
+    even for a status record) and a GET (pyarrow's input stream HEADs first). boto3 reads the same
+    credentials and AWS_ENDPOINT_URL as pyarrow.
+    """
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return None
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": STORE_ATTEMPTS}))
+
+
+def s3_fingerprint(size: int, etag: str) -> str:
+    """An object's content identity from what a listing or a HEAD says (no bytes read): its ETag
+    changes whenever its content does."""
+    return f"{size}:etag:{etag.strip(chr(34))}"
+
+
 def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     """S3's conditional PUT (If-None-Match: *): whether it created the object; None without boto3.
 
@@ -119,9 +140,12 @@ class Store:
 
     def __init__(self, location: str | os.PathLike) -> None:
         self.location = str(location)
+        self.s3 = None
         if is_uri(self.location):
             self.fs, self.root = filesystem_for(self.location)
             self.local = False
+            if self.location.startswith("s3://"):
+                self.s3 = s3_client()
         else:
             self.fs = pafs.LocalFileSystem()
             self.root = os.path.abspath(self.location.removeprefix("file://"))
@@ -134,6 +158,8 @@ class Store:
         try:
             if self.local:
                 atomic_write(Path(self.path(relative)), lambda handle: handle.write(data), Path(self.path(TMP_DIR)))
+            elif self.s3 is not None:
+                self._s3_call("put_object", relative, Body=data)
             else:
                 with self.fs.open_output_stream(self.path(relative)) as stream:
                     stream.write(data)
@@ -170,7 +196,25 @@ class Store:
         self.put(relative, data)
         return True
 
+    def _s3_call(self, operation: str, relative: str, **arguments):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self.path(relative).split("/", 1)
+        try:
+            return getattr(self.s3, operation)(Bucket=bucket, Key=key, **arguments)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(self.path(relative)) from None
+            raise OSError(f"{operation} {self.path(relative)}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise OSError(f"{operation} {self.path(relative)}: {exc}") from exc
+
     def get(self, relative: str) -> bytes | None:
+        if self.s3 is not None:
+            try:
+                return self._s3_call("get_object", relative)["Body"].read()
+            except FileNotFoundError:
+                return None
         try:
             with self.fs.open_input_stream(self.path(relative)) as stream:
                 return stream.read()
@@ -191,6 +235,9 @@ class Store:
         return [info.base_name for info in self.fs.get_file_info(selector)]
 
     def delete(self, relative: str) -> None:
+        if self.s3 is not None:
+            self._s3_call("delete_object", relative)  # one request; absent is fine on S3
+            return
         try:
             self.fs.delete_file(self.path(relative))
         except FileNotFoundError:
@@ -250,6 +297,13 @@ def fingerprint(path: str, sample: int = 1 << 20) -> str:
     last MiB. A file replaced, or still being copied in, gets another fingerprint; an untouched one keeps it.
     """
     digest = hashlib.sha1()
+    if path.startswith("s3://") and (client := s3_client()) is not None:  # what the listing also gives
+        bucket, key = path.removeprefix("s3://").split("/", 1)
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - botocore's errors: the object is not there to read
+            raise FileNotFoundError(path) from exc
+        return s3_fingerprint(head["ContentLength"], head["ETag"])
     if is_uri(path):
         fs, where = filesystem_for(path)
         info = fs.get_file_info(where)
