@@ -172,7 +172,7 @@ def test_a_sweep_is_ranked_by_map_and_the_numbers_are_right(tmp_path):
     assert overall["ap50"] == pytest.approx(1.0) and (overall["precision"], overall["recall"]) == (1.0, 1.0)
     assert overall["true_positives"] == 12
     tracking = pl.read_parquet(good / "evaluation" / "tracking.parquet")
-    assert tracking.filter(pl.col("class_name").is_null())["idf1"].item() > 0.5
+    assert tracking.filter(pl.col("class_name").is_null() & pl.col("video_id").is_null())["idf1"].item() > 0.5
     summary = json.loads((good / "evaluation" / "summary.json").read_text())
     assert "run once at the lowest threshold" in summary["note"]
 
@@ -189,3 +189,39 @@ def test_a_sweep_is_ranked_by_map_and_the_numbers_are_right(tmp_path):
     assert pl.read_parquet(good / "evaluation" / "detection.parquet").equals(detection)
     wrong = run_cli(f"output_dir='{good}'", f"ground_truth={tmp_path / 'nowhere'}", module="job.evaluate")
     assert wrong.returncode == 2 and len(wrong.output.strip().splitlines()) == 1, wrong.output
+
+
+CVAT = """<?xml version="1.0" encoding="utf-8"?>
+<annotations>
+  <version>1.1</version>
+  <meta>
+    <task>
+      <id>3</id>
+      <name>yard</name>
+      <size>6</size>
+      <mode>interpolation</mode>
+      <original_size><width>320</width><height>240</height></original_size>
+      <source>cam1/yard.mp4</source>
+    </task>
+  </meta>
+  <track id="0" label="person" source="manual">
+    <box frame="0" keyframe="1" outside="0" occluded="0" xtl="10.00" ytl="20.00" xbr="40.00" ybr="80.00" z_order="0"></box>
+    <box frame="1" keyframe="0" outside="0" occluded="0" xtl="12.00" ytl="20.00" xbr="42.00" ybr="80.00" z_order="0"></box>
+    <box frame="2" keyframe="1" outside="1" occluded="0" xtl="14.00" ytl="20.00" xbr="44.00" ybr="80.00" z_order="0"></box>
+  </track>
+  <track id="1" label="car" source="manual">
+    <box frame="1" keyframe="1" outside="0" occluded="0" xtl="100.00" ytl="100.00" xbr="200.00" ybr="160.00" z_order="0"></box>
+    <box frame="4" keyframe="1" outside="0" occluded="0" xtl="130.00" ytl="100.00" xbr="230.00" ybr="160.00" z_order="0"></box>
+  </track>
+</annotations>
+"""
+
+
+def test_cvat_for_video_is_read_as_the_file_holds_it_and_keyframe_gaps_are_said(tmp_path):
+    (tmp_path / "yard.xml").write_text(CVAT)
+    truth = read(str(tmp_path / "yard.xml"))
+    assert truth.format == "cvat" and truth.frames["frame_index"].to_list() == [0, 1, 2, 3, 4, 5]
+    assert truth.boxes.select("video", "frame_index", "track_id", "class_name", "x1", "x2").rows() == [
+        ("cam1/yard.mp4", 0, 0, "person", 10.0, 40.0), ("cam1/yard.mp4", 1, 0, "person", 12.0, 42.0),
+        ("cam1/yard.mp4", 1, 1, "car", 100.0, 200.0), ("cam1/yard.mp4", 4, 1, "car", 130.0, 230.0)]
+    assert len(truth.notes) == 1 and "keyframes only" in truth.notes[0]  # the car's frames 2-3 are not in the file

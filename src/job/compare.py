@@ -63,8 +63,7 @@ def runs_table(output_dir: Path) -> pl.DataFrame:
                        and table[c].null_count() == table.height])
 
 
-# What `--by` ranks runs by: mAP and F1 (at the run's score threshold) over all videos and classes, HOTA
-# averaged over the evaluated videos.
+# What `--by` ranks runs by: mAP, F1 (at the run's score threshold) and HOTA over all videos and classes.
 RANKINGS = ("map", "f1", "hota")
 
 
@@ -77,7 +76,8 @@ def _evaluation_scores(run_dir: Path) -> dict[str, float | None]:
         scores["map"], scores["f1"] = first["ap"], first["f1"]
     tracking = run_dir / EVALUATION_TRACKING
     if tracking.exists():
-        scores["hota"] = pl.read_parquet(tracking).filter(pl.col("class_name").is_null())["hota"].mean()
+        scores["hota"] = pl.read_parquet(tracking).filter(pl.col("class_name").is_null() &
+                                                          pl.col("video_id").is_null())["hota"].item()
     return scores
 
 

@@ -4,6 +4,10 @@ annotated, and the true boxes in them (displayed-frame pixels, 0-based frame ind
 - MOTChallenge: a directory of sequences, `<name>/gt/gt.txt` (frame, id, left, top, width, height, conf,
   class, visibility; frames 1-based), with `<name>/seqinfo.ini`'s seqLength saying how many frames were
   annotated (else up to the last annotated frame). conf 0 marks a box to ignore, as the devkit does.
+- CVAT for video 1.1 XML: tracks of boxes (`<track id label><box frame xtl ytl xbr ybr outside keyframe>`),
+  the video named by the task's `<source>` (else its `<name>`), `<size>` frames annotated. A box with
+  outside="1" marks where the track ends. CVAT writes every frame's box unless the export was asked for
+  keyframes only: the file is read as it is, and the notes say when its tracks have gaps between keyframes.
 - COCO JSON with videos (TAO-style): `videos` (id, name), `images` (id, video_id, frame_index),
   `annotations` (image_id, bbox [x, y, w, h], category_id, track_id, iscrowd), `categories` (id, name).
   Every listed image is an annotated frame, with or without boxes; iscrowd marks a box to ignore.
@@ -46,8 +50,10 @@ def read(path: str) -> GroundTruth:
         return _read_mot(where)
     if where.suffix.lower() == ".json" and where.is_file():
         return _read_coco(where)
-    raise ConfigError(f"ground_truth={path}: not a MOTChallenge directory (<video>/gt/gt.txt) or a COCO JSON "
-                      f"file with videos and images; pass one of those")
+    if where.suffix.lower() == ".xml" and where.is_file():
+        return _read_cvat(where)
+    raise ConfigError(f"ground_truth={path}: not a MOTChallenge directory (<video>/gt/gt.txt), a CVAT for "
+                      f"video XML file or a COCO JSON file with videos and images; pass one of those")
 
 
 def _read_mot(root: Path) -> GroundTruth:
@@ -119,6 +125,41 @@ def _read_coco(path: Path) -> GroundTruth:
                                                                                                   "frame_index")
     return GroundTruth(pl.DataFrame(rows, schema=BOXES_SCHEMA, orient="row"), frames, "coco",
                        hashlib.sha256(data).hexdigest(), [])
+
+
+def _read_cvat(path: Path) -> GroundTruth:
+    import xml.etree.ElementTree as ElementTree
+
+    data = path.read_bytes()
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise ConfigError(f"ground_truth={path}: not readable XML ({exc})") from None
+    meta = next((m for m in (root.find("meta/task"), root.find("meta/job"), root.find("meta/project/tasks/task"))
+                 if m is not None), None)
+    if root.tag != "annotations" or meta is None or root.find("track") is None and root.find("image") is not None:
+        raise ConfigError(f"ground_truth={path}: not a CVAT for video 1.1 export (annotations with meta and tracks)")
+    video = (meta.findtext("source") or meta.findtext("name") or path.stem).strip()
+    size = int(meta.findtext("size") or 0)
+    rows, gappy = [], 0
+    for track in root.iter("track"):
+        boxes = [b for b in track.iter("box") if b.get("outside", "0") == "0"]
+        frames = sorted(int(b.get("frame")) for b in boxes)
+        if frames and len(frames) < frames[-1] - frames[0] + 1 and all(b.get("keyframe") == "1" for b in boxes):
+            gappy += 1
+        for box in boxes:
+            rows.append((video, int(box.get("frame")), int(track.get("id")), track.get("label"),
+                         float(box.get("xtl")), float(box.get("ytl")), float(box.get("xbr")), float(box.get("ybr")),
+                         False))
+    boxes_table = pl.DataFrame(rows, schema=BOXES_SCHEMA, orient="row")
+    last = size or (int(boxes_table["frame_index"].max()) + 1 if rows else 0)
+    notes = []
+    if gappy:
+        notes.append(f"{gappy} tracks of {path.name} hold boxes on keyframes only, with frames between them "
+                     f"unannotated (CVAT exports interpolated boxes only when asked): those frames count as "
+                     f"having no box of theirs; export with interpolation to evaluate every frame")
+    frames_table = pl.DataFrame({"video": [video] * last, "frame_index": list(range(last))}, schema=FRAMES_SCHEMA)
+    return GroundTruth(boxes_table, frames_table, "cvat", hashlib.sha256(data).hexdigest(), notes)
 
 
 def match_videos(names: list[str], videos: dict[str, str]) -> tuple[dict[str, str], list[str]]:

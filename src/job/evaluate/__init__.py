@@ -78,7 +78,10 @@ def evaluate_run(output: OutputDir, settings: EvaluationConfig) -> Evaluation:
         tracks = tracks.join(frames, on=["video_id", "frame_index"], how="semi")
         tracking = tracking_metrics(truth_boxes, tracks, frames, classes, settings.iou)
     not_evaluated = sorted(set(videos["video_id"]) - set(matched.values()))
+    for note in truth.notes:
+        log.warning("ground truth: %s", note)
     summary = {"ground_truth": settings.ground_truth, "format": truth.format, "ground_truth_sha256": truth.digest,
+               "ground_truth_notes": truth.notes,
                "settings": asdict(settings), "run_score_threshold": threshold,
                "videos_evaluated": sorted(matched.values()), "videos_not_evaluated": not_evaluated,
                "annotated_videos_not_in_the_run": unmatched,
@@ -217,8 +220,9 @@ def _matches(truth: pl.DataFrame, detections: pl.DataFrame, iou: float) -> tuple
 
 def tracking_metrics(truth: pl.DataFrame, tracks: pl.DataFrame, frames: pl.DataFrame, classes: list[str],
                      iou: float) -> pl.DataFrame:
-    """HOTA (DetA, AssA), MOTA, MOTP, IDF1 and ID switches per (video, class) and per video over all classes,
-    through the trackers library's implementations (TrackEval's definitions). Confirmed tracks only."""
+    """HOTA (DetA, AssA), MOTA, MOTP, IDF1 and ID switches per (video, class), with rows for all classes
+    (class_name null) and all videos (video_id null), through the trackers library's implementations
+    (TrackEval's definitions). Confirmed tracks only."""
     try:
         from trackers.eval import compute_clear_metrics, compute_hota_metrics, compute_identity_metrics
     except ImportError:
@@ -227,21 +231,14 @@ def tracking_metrics(truth: pl.DataFrame, tracks: pl.DataFrame, frames: pl.DataF
     confirmed = tracks.filter(pl.col("track_id").is_not_null() & (pl.col("track_id") >= 0))
     truth = truth.filter(~pl.col("ignore"))
     rows = []
-    for video_id in sorted(set(frames["video_id"])):
-        indices = sorted(frames.filter(pl.col("video_id") == video_id)["frame_index"])
+    video_ids = sorted(set(frames["video_id"]))
+    for video_id in [*video_ids, None]:
         for class_name in [*classes, None]:
-            gt = _subset(truth, video_id, class_name).filter(pl.col("class_name").is_in(classes))
-            tr = _subset(confirmed, video_id, class_name).filter(pl.col("class_name").is_in(classes))
-            gt_by = {k[0]: g for k, g in gt.group_by("frame_index")}
-            tr_by = {k[0]: g for k, g in tr.group_by("frame_index")}
             gt_ids, tr_ids, similarity = [], [], []
-            for index in indices:
-                g, t = gt_by.get(index), tr_by.get(index)
-                g_boxes = g.select("x1", "y1", "x2", "y2").to_numpy().astype(np.float64) if g is not None else np.zeros((0, 4))
-                t_boxes = t.select("x1", "y1", "x2", "y2").to_numpy().astype(np.float64) if t is not None else np.zeros((0, 4))
-                gt_ids.append(g["track_id"].to_numpy() if g is not None else np.zeros(0, dtype=np.int64))
-                tr_ids.append(t["track_id"].to_numpy() if t is not None else np.zeros(0, dtype=np.int64))
-                similarity.append(box_iou(g_boxes, t_boxes))
+            for offset, each in enumerate(video_ids if video_id is None else [video_id]):
+                # All videos at once: one sequence of their frames, ids kept apart per video.
+                _frames_of(truth, confirmed, frames, classes, each, class_name, offset * 10**9, gt_ids, tr_ids,
+                           similarity)
             hota = compute_hota_metrics(gt_ids, tr_ids, similarity)
             clear = compute_clear_metrics(gt_ids, tr_ids, similarity, threshold=iou)
             identity = compute_identity_metrics(gt_ids, tr_ids, similarity, threshold=iou)
@@ -250,14 +247,31 @@ def tracking_metrics(truth: pl.DataFrame, tracks: pl.DataFrame, frames: pl.DataF
     return pl.DataFrame(rows, schema=TRACKING_SCHEMA, orient="row")
 
 
+def _frames_of(truth: pl.DataFrame, tracks: pl.DataFrame, frames: pl.DataFrame, classes: list[str], video_id: str,
+               class_name: str | None, offset: int, gt_ids: list, tr_ids: list, similarity: list) -> None:
+    """Appends one video's annotated frames: true and tracked ids (shifted by `offset`) and their IoUs."""
+    gt = _subset(truth, video_id, class_name).filter(pl.col("class_name").is_in(classes))
+    tr = _subset(tracks, video_id, class_name).filter(pl.col("class_name").is_in(classes))
+    gt_by = {k[0]: g for k, g in gt.group_by("frame_index")}
+    tr_by = {k[0]: g for k, g in tr.group_by("frame_index")}
+    empty = np.zeros((0, 4))
+    for index in sorted(frames.filter(pl.col("video_id") == video_id)["frame_index"]):
+        g, t = gt_by.get(index), tr_by.get(index)
+        g_boxes = g.select("x1", "y1", "x2", "y2").to_numpy().astype(np.float64) if g is not None else empty
+        t_boxes = t.select("x1", "y1", "x2", "y2").to_numpy().astype(np.float64) if t is not None else empty
+        gt_ids.append(g["track_id"].to_numpy() + offset if g is not None else np.zeros(0, dtype=np.int64))
+        tr_ids.append(t["track_id"].to_numpy() + offset if t is not None else np.zeros(0, dtype=np.int64))
+        similarity.append(box_iou(g_boxes, t_boxes))
+
+
 def headline(result: Evaluation) -> str:
     """One line: the overall scores, at the run's threshold."""
     overall = result.detection.filter(pl.col("video_id").is_null() & pl.col("class_name").is_null()).row(0, named=True)
     line = (f"mAP {_pct(overall['ap'])}, AP50 {_pct(overall['ap50'])}, at score >= {overall['score_threshold']:g}: "
             f"precision {_pct(overall['precision'])}, recall {_pct(overall['recall'])}, F1 {_pct(overall['f1'])}")
     if result.tracking is not None and result.tracking.height:
-        track = result.tracking.filter(pl.col("class_name").is_null())
-        line += f"; HOTA {_pct(track['hota'].mean())}, IDF1 {_pct(track['idf1'].mean())}"
+        track = result.tracking.filter(pl.col("class_name").is_null() & pl.col("video_id").is_null()).row(0, named=True)
+        line += f"; HOTA {_pct(track['hota'])}, IDF1 {_pct(track['idf1'])}"
     return line + f"; {len(result.summary['videos_not_evaluated'])} videos without annotations not evaluated"
 
 
