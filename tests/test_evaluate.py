@@ -187,6 +187,11 @@ def test_a_sweep_is_ranked_by_map_and_the_numbers_are_right(tmp_path):
     assert again.returncode == 0, again.output
     assert "mAP" in again.output and "AP50 100.0%" in again.output
     assert pl.read_parquet(good / "evaluation" / "detection.parquet").equals(detection)
+    report = run_cli(f"output_dir='{good}'", module="job.report", env=env)
+    assert report.returncode == 0, report.output[-2000:]
+    page = (good / "report" / "index.html").read_text()
+    assert "<h2>Against the ground truth</h2>" in page and 'src="pr_curves.png"' in page
+    assert (good / "report" / "pr_curves.png").stat().st_size > 5000
     wrong = run_cli(f"output_dir='{good}'", f"ground_truth={tmp_path / 'nowhere'}", module="job.evaluate")
     assert wrong.returncode == 2 and len(wrong.output.strip().splitlines()) == 1, wrong.output
 

@@ -21,9 +21,9 @@ from job.config import ReportConfig
 from job.decode import VideoError, detected_frames, probe
 from job.discover import discover_videos
 from job.errors import ConfigError, JobError
-from job.layout import ANALYTICS_COUNTS, MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE
+from job.layout import ANALYTICS_COUNTS, EVALUATION_DETECTION, MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE
 from job.output import OutputDir
-from job.report import draw, page, pictures, timeline
+from job.report import draw, evaluation, page, pictures, timeline
 from job.video_cache import local_copy
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,13 @@ def make_report(cfg: ReportConfig) -> str:
         entry.pictures = row["video_id"]
     classes = _class_table(output, per_class, videos["video_id"].to_list(), cfg)
     index = f"{REPORT}/index.html"
-    output.store.put(index, page.render(cfg.output_dir, manifest, entries, classes).encode())
+    scores, curves = None, None
+    if (detection_bytes := output.store.get(EVALUATION_DETECTION)) is not None:
+        detection = pl.read_parquet(detection_bytes)
+        scores = evaluation.overall_per_class(detection)
+        curves = "pr_curves.png"
+        output.store.put(f"{REPORT}/{curves}", timeline.png(evaluation.pr_curves(detection)))
+    output.store.put(index, page.render(cfg.output_dir, manifest, entries, classes, scores, curves).encode())
     return output.store.path(index)
 
 

@@ -29,8 +29,10 @@ class VideoEntry:
     note: str | None = None  # why it has no pictures
 
 
-def render(output_dir: str, manifest: dict[str, Any], entries: list[VideoEntry], classes: pl.DataFrame) -> str:
-    """The page; `classes`: detections per class (and distinct objects, with tracks) over the videos shown."""
+def render(output_dir: str, manifest: dict[str, Any], entries: list[VideoEntry], classes: pl.DataFrame,
+           evaluation: pl.DataFrame | None = None, pr_curves: str | None = None) -> str:
+    """The page; `classes`: detections per class (and distinct objects, with tracks) over the videos shown;
+    `evaluation`: the metrics per class at the run's threshold, with `pr_curves` the picture's file name."""
     config = manifest.get("config", {})
     rows = [entry.row for entry in entries]
     totals = {"videos": len(rows), **{status: sum(r["status"] == status for r in rows)
@@ -57,6 +59,10 @@ def render(output_dir: str, manifest: dict[str, Any], entries: list[VideoEntry],
         "<h2>Classes</h2>", _frame_table(classes, "classes"),
         "<h2>Run</h2>", _key_values(settings),
     ]
+    if evaluation is not None:
+        parts += ["<h2>Against the ground truth</h2>", _frame_table(evaluation, "evaluation")]
+        if pr_curves:
+            parts.append(f'<img alt="precision against recall per class" src="{_e(pr_curves)}">')
     for entry in entries:
         if entry.pictures is None:
             continue
