@@ -186,7 +186,12 @@ def test_a_sweep_is_ranked_by_map_and_the_numbers_are_right(tmp_path):
                     module="job.evaluate", env=env)
     assert again.returncode == 0, again.output
     assert "mAP" in again.output and "AP50 100.0%" in again.output
+    assert "evaluation is up to date" in again.output  # nothing changed since the run's own evaluation
     assert pl.read_parquet(good / "evaluation" / "detection.parquet").equals(detection)
+    mapped_otherwise = run_cli(f"output_dir='{good}'", f"ground_truth={tmp_path / 'gt'}", module="job.evaluate",
+                               env=env)  # no class map: the ground truth's pedestrians match no detection
+    assert mapped_otherwise.returncode == 0 and "up to date" not in mapped_otherwise.output
+    assert "AP50 0.0%" in mapped_otherwise.output, mapped_otherwise.output[-2000:]
     report = run_cli(f"output_dir='{good}'", module="job.report", env=env)
     assert report.returncode == 0, report.output[-2000:]
     page = (good / "report" / "index.html").read_text()

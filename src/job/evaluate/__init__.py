@@ -9,9 +9,10 @@ and filter (the summary says so).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import polars as pl
@@ -64,6 +65,18 @@ def evaluate_run(output: OutputDir, settings: EvaluationConfig) -> Evaluation:
     if not matched:
         raise ConfigError(f"ground_truth={settings.ground_truth}: none of its videos ({', '.join(unmatched[:5])}) "
                           f"is a video of this run (matched by path under video_dir, or by a unique stem)")
+    chosen = {f.name: getattr(settings, f.name) for f in fields(EvaluationConfig) if f.name != "ground_truth"}
+    inputs = {"ground_truth_sha256": truth.digest, "settings": chosen,
+              "videos_table_sha256": hashlib.sha256(table_bytes).hexdigest(),
+              "tracks": {video_id: output.tracks_state(video_id) for video_id in sorted(matched.values())}}
+    previous = output.store.get(EVALUATION_SUMMARY)
+    detection_bytes = output.store.get(EVALUATION_DETECTION)
+    if previous is not None and detection_bytes is not None and json.loads(previous).get("inputs") == inputs:
+        tracking_bytes = output.store.get(EVALUATION_TRACKING)
+        log.info("evaluation is up to date with these detections, tracks and ground truth")
+        return Evaluation(pl.read_parquet(detection_bytes),
+                          pl.read_parquet(tracking_bytes) if tracking_bytes is not None else None,
+                          json.loads(previous))
     truth_boxes, frames = _mapped(truth, matched, settings)
     detections = pl.concat([output.video_detections(video_id).with_columns(video_id=pl.lit(video_id))
                             for video_id in matched.values()], how="diagonal_relaxed")
@@ -85,13 +98,14 @@ def evaluate_run(output: OutputDir, settings: EvaluationConfig) -> Evaluation:
                "settings": asdict(settings), "run_score_threshold": threshold,
                "videos_evaluated": sorted(matched.values()), "videos_not_evaluated": not_evaluated,
                "annotated_videos_not_in_the_run": unmatched,
+               "inputs": inputs,
                "note": (f"precision and recall are given at the run's score_threshold ({threshold:g}) and above: "
                         f"its detections below it were never kept. To compare lower thresholds, run once at the "
                         f"lowest threshold you consider and evaluate that run.")}
     output.store.put(EVALUATION_DETECTION, parquet_bytes(detection))
     if tracking is not None:
         output.store.put(EVALUATION_TRACKING, parquet_bytes(tracking))
-    output.store.put(EVALUATION_SUMMARY, json_bytes(summary))
+    output.store.put(EVALUATION_SUMMARY, json_bytes(summary))  # last: it says what the tables were made from
     return Evaluation(detection, tracking, summary)
 
 
