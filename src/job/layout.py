@@ -9,6 +9,7 @@
       manifest.json                                           the last run: config, versions, totals
       _state/settings.json                                    what the detections depend on
       _state/videos/<id>.json                                 a video's final status (its commit record)
+      _state/status_index.parquet                             those records as of the last run's end (planning)
       _state/progress/<id>.json                               the content fingerprint a video's parts come from
       _state/tracks/<id>.json                                 what a video's tracks were made from
       _state/segments/<id>/<start>.json                       a finished segment's status (a split video)
@@ -32,6 +33,7 @@ MANIFEST = "manifest.json"
 STATE = "_state"
 SETTINGS_RECORD = f"{STATE}/settings.json"
 STATUS_DIR = f"{STATE}/videos"
+STATUS_INDEX = f"{STATE}/status_index.parquet"  # every status record at the end of a run, with its version
 PROGRESS_DIR = f"{STATE}/progress"
 TRACKS_STATE_DIR = f"{STATE}/tracks"
 SEGMENTS_DIR = f"{STATE}/segments"

@@ -7,10 +7,12 @@ at the end of its unbroken chain of parts from frame 0.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from job.layout import (
     SETTINGS_RECORD,
     STATE,
     STATUS_DIR,
+    STATUS_INDEX,
     TRACKS,
     TRACKS_STATE_DIR,
     VIDEOS_TABLE,
@@ -261,6 +264,58 @@ class OutputDir:
     def read_status(self, video_id: str) -> VideoStatus | None:
         data = self.store.get(status_record(video_id))
         return VideoStatus.from_json(data) if data is not None else None
+
+    def read_statuses(self, video_ids: list[str]) -> dict[str, VideoStatus]:
+        """The final statuses of these videos, where they have one: from the status index for the records
+        unchanged since it was written (one listing and one GET for all of them), else from their records
+        (in parallel). A rerun of a finished bucket so costs a few requests, not one per video."""
+        versions = self.store.versions(STATUS_DIR)
+        index = self._status_index()
+        found, to_read = {}, []
+        for video_id in video_ids:
+            version = versions.get(f"{video_id}.json")
+            if version is None:
+                continue
+            indexed = index.get(video_id)
+            if indexed is not None and indexed[0] == version:
+                found[video_id] = VideoStatus.from_json(indexed[1].encode())
+            else:
+                to_read.append(video_id)
+        with ThreadPoolExecutor(16) as pool:
+            for video_id, status in zip(to_read, pool.map(self.read_status, to_read), strict=True):
+                if status is not None:
+                    found[video_id] = status
+        return found
+
+    def write_status_index(self, statuses: dict[str, VideoStatus]) -> None:
+        """Every status record with its version, for the next run's planning. A record this run wrote is
+        taken from `statuses` (less what the driver fills in afterwards), one an earlier run wrote from the old
+        index where unchanged, else read."""
+        versions = self.store.versions(STATUS_DIR)
+        index = self._status_index()
+        rows = []
+        for name, version in sorted(versions.items()):
+            video_id = name.removesuffix(".json")
+            if video_id in statuses:
+                record = dataclasses.replace(statuses[video_id], tracks=None, line_crossings=None,
+                                             zone_visits=None).to_json().decode()
+            elif video_id in index and index[video_id][0] == version:
+                record = index[video_id][1]
+            else:
+                stored = self.read_status(video_id)
+                if stored is None:
+                    continue
+                record = stored.to_json().decode()
+            rows.append((video_id, version, record))
+        table = pl.DataFrame(rows, schema={"video_id": pl.String, "version": pl.String, "record": pl.String},
+                             orient="row")
+        self.store.put(STATUS_INDEX, parquet_bytes(table, compression="zstd"))
+
+    def _status_index(self) -> dict[str, tuple[str, str]]:
+        data = self.store.get(STATUS_INDEX)
+        if data is None:
+            return {}
+        return {video_id: (version, record) for video_id, version, record in pl.read_parquet(data).iter_rows()}
 
     def write_videos_table(self, statuses: list[VideoStatus]) -> None:
         rows = [{k: getattr(s, k) for k in VIDEO_SCHEMA} for s in statuses]

@@ -229,6 +229,27 @@ class Store:
         selector = pafs.FileSelector(self.path(relative_dir), allow_not_found=True)
         return [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
 
+    def versions(self, relative_dir: str) -> dict[str, str]:
+        """{file name: version} directly under `relative_dir`, from one listing (a LIST per 1,000 objects):
+        a name's version changes whenever its object is written again (S3: the ETag; else size and mtime)."""
+        if self.local:
+            try:
+                with os.scandir(self.path(relative_dir)) as listing:
+                    return {e.name: f"{(st := e.stat()).st_size}:{st.st_mtime_ns}" for e in listing if e.is_file()}
+            except FileNotFoundError:
+                return {}
+        if self.s3 is not None:
+            bucket, _, prefix = self.path(relative_dir).partition("/")
+            prefix = prefix.rstrip("/") + "/"
+            found = {}
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                for item in page.get("Contents", []):
+                    found[item["Key"][len(prefix):]] = item["ETag"]
+            return found
+        selector = pafs.FileSelector(self.path(relative_dir), allow_not_found=True)
+        return {info.base_name: f"{info.size}:{info.mtime_ns}" for info in self.fs.get_file_info(selector)
+                if info.type == pafs.FileType.File}
+
     def entries(self, relative_dir: str = "") -> list[str]:
         """Names of the files and directories directly under `relative_dir` (none if it does not exist)."""
         selector = pafs.FileSelector(self.path(relative_dir) if relative_dir else self.root, allow_not_found=True)
