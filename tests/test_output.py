@@ -131,3 +131,25 @@ def test_writes_are_staged_outside_the_partitions_so_a_video_reads_alone_mid_run
     assert [p.name for p in (tmp_path / layout.partition("v-1")).iterdir()] == ["part-0000000000-0000000010.parquet"]
     assert pl.read_parquet(tmp_path / layout.partition("v-1")).height == 10
     assert out.committed_end("v-1") == 10
+
+
+def test_planning_reads_the_status_index_and_only_the_records_written_since(tmp_path, monkeypatch):
+    out = OutputDir(tmp_path)
+    statuses = {f"v-{i}": VideoStatus(video_id=f"v-{i}", path=f"{i}.mp4", status="ok", frame_count=i) for i in range(3)}
+    for item in statuses.values():
+        out.write_status(item)
+    out.write_status_index({**statuses, "v-0": VideoStatus(video_id="v-0", path="0.mp4", status="ok",
+                                                           frame_count=0, tracks=7)})
+    later = VideoStatus(video_id="v-1", path="1.mp4", status="partial", frame_count=99)  # after the index
+    import time
+
+    time.sleep(0.01)
+    out.write_status(later)
+    reads = []
+    original = out.read_status
+    monkeypatch.setattr(out, "read_status", lambda video_id: reads.append(video_id) or original(video_id))
+    found = out.read_statuses(["v-0", "v-1", "v-2", "v-9"])
+    assert reads == ["v-1"], "only the record written since the index is read"
+    assert sorted(found) == ["v-0", "v-1", "v-2"]
+    assert (found["v-1"].status, found["v-1"].frame_count) == ("partial", 99)
+    assert found["v-0"].tracks is None  # what the driver fills in after the record is not in the index
