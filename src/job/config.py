@@ -192,7 +192,7 @@ class JobConfig:
     device: Device = Device.auto
     # Frames per model call. null: 4 on CPU, where larger batches buy no speed and push ssdlite's
     # largest activation past glibc's 32 MB mmap ceiling (page-faulted in afresh on every call:
-    # ~3 ms per frame, measured); 16 on a GPU, to keep it busy.
+    # benchmarks/micro.md); 16 on a GPU, to keep it busy.
     batch_size: int | None = None
     score_threshold: float = 0.5
     frame_stride: int = 1

@@ -312,8 +312,8 @@ def _pyav_frames(
     if start > 0 and keyframes is not None and keyframes.size and keyframes.min() <= start:
         seek_to = int(info.frame_pts[keyframes[keyframes <= start].max()])
     # One reformatter for the whole stream keeps its swscale context; frame.to_ndarray() builds a
-    # new one per frame (measured 3-4x slower at 640x272). One conversion thread: PyAV 17+ otherwise
-    # starts one per CPU, which measured slower here; the decoder has its own threads.
+    # new one per frame (slower: benchmarks/micro.md). One conversion thread: PyAV 17+ otherwise
+    # starts one per CPU, also slower here; the decoder has its own threads.
     to_rgb = VideoReformatter()
     progress.frames_decoded = start if seek_to is not None else 0
     with av.open(path, metadata_errors=METADATA_ERRORS) as container:
