@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from job.errors import SettingsMismatchError
+from job.errors import ConfigError, SettingsMismatchError
 from job.layout import (
     ANALYTICS_COUNTS,
     ANALYTICS_RECORD,
@@ -316,6 +316,14 @@ class OutputDir:
         if data is None:
             return {}
         return {video_id: (version, record) for video_id, version, record in pl.read_parquet(data).iter_rows()}
+
+    def finished_run(self) -> tuple[dict, pl.DataFrame]:
+        """(manifest, videos table) of the run that finished here, for what reads a run's results."""
+        manifest_bytes, table_bytes = self.store.get(MANIFEST), self.store.get(VIDEOS_TABLE)
+        if manifest_bytes is None or table_bytes is None:
+            raise ConfigError(f"output_dir={self.location} has no {MANIFEST} and {VIDEOS_TABLE}: pass the "
+                              f"output_dir of a run that finished")
+        return json.loads(manifest_bytes), pl.read_parquet(table_bytes)
 
     def write_videos_table(self, statuses: list[VideoStatus]) -> None:
         rows = [{k: getattr(s, k) for k in VIDEO_SCHEMA} for s in statuses]

@@ -25,7 +25,6 @@ from job.layout import (
     EVALUATION_DETECTION,
     EVALUATION_SUMMARY,
     EVALUATION_TRACKING,
-    MANIFEST,
     VIDEOS_TABLE,
     tracks_file,
 )
@@ -53,13 +52,8 @@ class Evaluation:
 def evaluate_run(output: OutputDir, settings: EvaluationConfig) -> Evaluation:
     """Evaluates the run in `output` against `settings.ground_truth` and writes evaluation/."""
     truth = read_ground_truth(settings.ground_truth)
-    manifest_bytes, table_bytes = output.store.get(MANIFEST), output.store.get(VIDEOS_TABLE)
-    if manifest_bytes is None or table_bytes is None:
-        raise ConfigError(f"output_dir={output.location} has no finished run to evaluate (no {MANIFEST}); "
-                          f"pass the output_dir of a run that finished")
-    manifest = json.loads(manifest_bytes)
+    manifest, videos = output.finished_run()
     threshold = float(manifest["config"]["score_threshold"])
-    videos = pl.read_parquet(table_bytes)
     matched, unmatched = match_videos(sorted(truth.frames["video"].unique()), dict(zip(videos["path"],
                                                                                   videos["video_id"])))
     if not matched:
@@ -67,7 +61,7 @@ def evaluate_run(output: OutputDir, settings: EvaluationConfig) -> Evaluation:
                           f"is a video of this run (matched by path under video_dir, or by a unique stem)")
     chosen = {f.name: getattr(settings, f.name) for f in fields(EvaluationConfig) if f.name != "ground_truth"}
     inputs = {"ground_truth_sha256": truth.digest, "settings": chosen,
-              "videos_table_sha256": hashlib.sha256(table_bytes).hexdigest(),
+              "videos_table_sha256": hashlib.sha256(output.store.get(VIDEOS_TABLE)).hexdigest(),
               "tracks": {video_id: output.tracks_state(video_id) for video_id in sorted(matched.values())}}
     previous = output.store.get(EVALUATION_SUMMARY)
     detection_bytes = output.store.get(EVALUATION_DETECTION)

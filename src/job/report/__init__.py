@@ -9,7 +9,6 @@ again for the pictures. Per video with detections, in report/<video_id>/: previe
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import tempfile
@@ -20,8 +19,8 @@ from job.analytics import COUNTS_SCHEMA
 from job.config import ReportConfig
 from job.decode import VideoError, detected_frames, probe
 from job.discover import discover_videos
-from job.errors import ConfigError, JobError
-from job.layout import ANALYTICS_COUNTS, EVALUATION_DETECTION, MANIFEST, TRACK_SUMMARY, VIDEOS_TABLE
+from job.errors import JobError
+from job.layout import ANALYTICS_COUNTS, EVALUATION_DETECTION, TRACK_SUMMARY
 from job.output import OutputDir
 from job.report import draw, evaluation, page, pictures, timeline
 from job.video_cache import local_copy
@@ -35,12 +34,8 @@ def make_report(cfg: ReportConfig) -> str:
     from tqdm import tqdm
 
     output = OutputDir(cfg.output_dir)
-    manifest_bytes, table_bytes = output.store.get(MANIFEST), output.store.get(VIDEOS_TABLE)
-    if manifest_bytes is None or table_bytes is None:
-        raise ConfigError(f"output_dir={cfg.output_dir} has no {MANIFEST} and {VIDEOS_TABLE}: pass the output_dir "
-                          f"of a run that finished")
-    manifest = json.loads(manifest_bytes)
-    videos = pl.read_parquet(table_bytes).sort("path")
+    manifest, videos = output.finished_run()
+    videos = videos.sort("path")
     if cfg.videos:
         videos = videos.filter(pl.col("path").map_elements(lambda p: fnmatch.fnmatchcase(p, cfg.videos),
                                                            return_dtype=pl.Boolean))
