@@ -31,14 +31,20 @@ def layout(resources, device=Device.auto, videos=100, **ray):
 
 
 def test_actor_layout_follows_declared_resources():
-    assert layout({"CPU": 16.0, "GPU": 4.0}) == ActorLayout(4, 2, 1.0)
-    assert layout({"CPU": 16.0, "GPU": 4.0}, gpus_per_actor=0.5) == ActorLayout(8, 2, 0.5)
+    assert layout({"CPU": 16.0, "GPU": 4.0}) == ActorLayout(4, 2, 1.0, streams=2)
+    assert layout({"CPU": 16.0, "GPU": 4.0}, gpus_per_actor=0.5) == ActorLayout(8, 2, 0.5, streams=2)
     assert layout({"CPU": 4.0, "GPU": 4.0}) == ActorLayout(4, 1.0, 1.0)  # CPUs shared, never over-asked
     assert layout({"CPU": 16.0, "GPU": 4.0}, Device.cpu) == ActorLayout(8, 2, 0.0)
     assert layout({"CPU": 2.0}) == ActorLayout(1, 2, 0.0)
     assert layout({"CPU": 16.0}, videos=3) == ActorLayout(3, 2, 0.0)  # no idle actors for a short list
     # The defaults: 2 CPUs per GPU actor; on CPUs only, one actor per CPU, or fewer sharing them all.
-    assert layout({"CPU": 16.0, "GPU": 4.0}, cpus_per_actor=None) == ActorLayout(4, 2.0, 1.0)
+    # GPU actors share their node's CPUs and decode a stream per CPU; the node with fewest CPUs per GPU sets it.
+    assert layout({"CPU": 16.0, "GPU": 4.0}, cpus_per_actor=None) == ActorLayout(4, 4.0, 1.0, streams=4)
+    nodes = [{"CPU": 16.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 4.0}]
+    assert actor_layout(RayConfig(), Device.auto, {"CPU": 28.0, "GPU": 3.0}, 100, nodes) == ActorLayout(3, 4.0, 1.0, 4)
+    assert actor_layout(RayConfig(decode_streams=2), Device.auto, {"CPU": 6.0, "GPU": 1.0}, 100) == ActorLayout(
+        1, 6.0, 1.0, streams=2)
+    assert ActorLayout(1, 6.0, 1.0, streams=2).decode_threads == 3 and ActorLayout(1, 2.0, 0.0).decode_threads == 2
     assert layout({"CPU": 2.0}, cpus_per_actor=None) == ActorLayout(2, 1.0, 0.0)
     assert layout({"CPU": 8.0}, videos=3, cpus_per_actor=None) == ActorLayout(3, 8 / 3, 0.0)
     assert layout({"CPU": 2.0}, videos=1, cpus_per_actor=None) == ActorLayout(1, 2.0, 0.0)

@@ -186,3 +186,54 @@ def test_a_segment_whose_actor_dies_is_retried_and_one_given_up_leaves_the_video
     video = statuses["v0-000"]
     assert video.status == "partial" and video.frame_count == 100  # segment 100 retried; segment 0 given up
     assert "segment from frame 0" in video.error and "died on this video 2 times" in video.error
+
+
+class StreamsBackend(FakeBackend):
+    """Actors that run several calls at once; a death kills every call in flight on that actor."""
+
+    def __init__(self, script=None):
+        super().__init__(script)
+        self.in_flight: dict[str, set[int]] = {}
+        self.most_at_once = 0
+        self.company: list[tuple[str, int, frozenset]] = []  # (video, attempt, keys running beside it)
+        self.doomed: set[int] = set()
+
+    def submit(self, actor, task, attempt):
+        ref = super().submit(actor, task, attempt)
+        running = self.in_flight.setdefault(actor, set())
+        self.company.append((task.key, attempt, frozenset(self.calls[r][2].key for r in running)))
+        running.add(ref)
+        self.most_at_once = max(self.most_at_once, len(running))
+        return ref
+
+    def result(self, ref):
+        kind, actor, task, attempt = self.calls[ref]
+        if kind == "process":
+            self.in_flight[actor].discard(ref)
+            if ref in self.doomed:
+                self.calls.pop(ref)
+                raise ActorDied("the actor died under another call")
+            if self.script.get((task.key, attempt)) == "die":
+                self.doomed |= self.in_flight[actor]  # the whole process goes, with its other streams
+        return super().result(ref)
+
+
+def test_an_actor_with_streams_runs_that_many_tasks_at_once():
+    backend = StreamsBackend()
+    statuses = run(ActorPool(["gpu"], backend, 3, lambda s: None, streams=3), videos(7))
+    assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values()) and len(statuses) == 7
+    assert backend.most_at_once == 3
+
+
+def test_a_video_that_kills_a_shared_actor_is_given_up_without_costing_its_neighbours_attempts():
+    always = {("v1-000", attempt): "die" for attempt in range(1, 5)}
+    backend, recorded = StreamsBackend(always), []
+    statuses = run(ActorPool(["gpu"], backend, 2, recorded.append, streams=2), videos(4))
+    bad = statuses.pop("v1-000")
+    assert bad.status == "failed" and "died on this video 2 times" in bad.error
+    assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values()), statuses  # no attempt lost
+    # Every retry after dying in company ran alone; only the deaths while alone counted.
+    retried = [(key, attempt, beside) for key, attempt, beside in backend.company if key == "v1-000"]
+    assert retried[0][1] == 1 and all(not beside for _, _, beside in retried[1:]), retried
+    assert [attempt for _, attempt, _ in retried[1:]] == [1, 2]
+    assert recorded == [bad]

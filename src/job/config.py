@@ -74,10 +74,14 @@ class RayConfig:
     address: str | None = None
     # null: one actor per GPU share when the cluster has GPUs, else one per cpus_per_actor CPUs.
     num_actors: int | None = None
-    # null: 2 per GPU actor (for decoding); on CPUs only, one actor per CPU (fewer, sharing every
-    # CPU, when there are fewer videos and segments than CPUs).
+    # null: a GPU node's CPUs shared among its GPU actors (they decode); on CPUs only, one actor per
+    # CPU (fewer, sharing every CPU, when there are fewer videos and segments than CPUs).
     cpus_per_actor: Optional[float] = None  # noqa: UP045
     gpus_per_actor: float = 1.0
+    # Videos or segments an actor decodes at once, each in a thread of its own, all feeding its one
+    # model. null: one per CPU of a GPU actor (benchmarks/gpu.md); 1 on CPUs only, where each CPU
+    # has an actor of its own already.
+    decode_streams: Optional[int] = None  # noqa: UP045
     # CPUs for an embedded local Ray (null: all of this machine's).
     num_cpus: int | None = None
     # How many actor deaths one video may cause before it is recorded as failed.
@@ -374,6 +378,8 @@ def validate(cfg: JobConfig) -> None:
         problems.append(f"ray.num_actors must be >= 1 or null, got {cfg.ray.num_actors}")
     if cfg.ray.cpus_per_actor is not None and cfg.ray.cpus_per_actor <= 0:
         problems.append("ray.cpus_per_actor must be > 0")
+    if cfg.ray.decode_streams is not None and cfg.ray.decode_streams < 1:
+        problems.append("ray.decode_streams must be >= 1")
     if not 0 < cfg.ray.gpus_per_actor:
         problems.append("ray.gpus_per_actor must be > 0 (fractions such as 0.5 share a GPU)")
     if cfg.ray.stall_timeout_s is not None and cfg.ray.stall_timeout_s <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -96,6 +97,12 @@ class Detector:
     channels_last, and SSD models get their frames resized and normalised before the model (a
     frame at a time, into one batch tensor) and a vectorised postprocessing (`detect_fast`), with
     boxes scaled back the way torchvision does.
+
+    Shared by an actor's decode streams: one model call runs at a time (the device runs them one after
+    another anyway), and a batch holds the frames of one stream only, so its frames, and with them the
+    kernels the device picks for its shape, never depend on which streams happened to be ready together.
+    A plug-in module with `takes_uint8 = True` gets the frames as uint8 (3, H, W) and converts them itself
+    (on its accelerator).
     """
 
     def __init__(self, model_cfg: ModelConfig, score_threshold: float, device: str = "auto") -> None:
@@ -116,15 +123,21 @@ class Detector:
             if hasattr(model, "head"):  # SSD, RetinaNet, FCOS; Faster R-CNN's heads stay eager
                 model.head = torch.compile(model.head, dynamic=False)
         self._autocast = _autocast(self.device, precision)
+        self._takes_uint8 = bool(getattr(model, "takes_uint8", False))
+        self._one_call_at_a_time = threading.Lock()
 
     def warm_up(self, batch_size: int) -> None:
         """One throw-away batch: oneDNN/cuDNN pick their kernels on the first call, not on a real video."""
         height, width = (320, 320) if self._fast_ssd else (480, 640)
         self(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8))
 
-    @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> list[Detections]:
         """frames: uint8 (B, H, W, 3) RGB on the CPU."""
+        with self._one_call_at_a_time:
+            return self._detect(frames)
+
+    @torch.inference_mode()
+    def _detect(self, frames: torch.Tensor) -> list[Detections]:
         height, width = frames.shape[1:3]
         if self.device.type == "cuda":
             frames = frames.pin_memory().to(self.device, non_blocking=True)
@@ -132,6 +145,8 @@ class Detector:
         # batched resize+normalise (SSD) or the model's own per-image transform.
         if self._fast_ssd:
             images = list(prepare_batch(self.model, frames))
+        elif self._takes_uint8:
+            images = [f.permute(2, 0, 1) for f in frames]
         else:
             images = [f.permute(2, 0, 1).float().div_(255.0) for f in frames]
         with self._autocast:

@@ -127,9 +127,11 @@ class ProgressCounter:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class VideoWorker:
-    """Holds one loaded model and the output store; processes one video per call."""
+    """Holds one loaded model and the output store; processes one video or segment per call, several
+    calls at once (its decode streams, in threads of Ray's) sharing the model."""
 
     def __init__(self, cfg: JobConfig, progress_actor: str, threads: int, run_id: str) -> None:
+        """`threads`: the CPUs each of its decode streams may use."""
         import torch
 
         from job.config import for_device
@@ -137,7 +139,7 @@ class VideoWorker:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(CPU_INFERENCE_THREADS)  # the model is built as it will run (CPU unless CUDA)
-        self.threads = threads  # the CPUs Ray gave this actor: the decoder's
+        self.threads = threads  # each stream's decoder's
         # Looked up by name: a handle argument would live in the object store, which restarts need intact.
         self.progress = ray.get_actor(progress_actor)
         # What the user must fix (weights, device, plug-in) is reported by `ready`, not raised here:
@@ -260,17 +262,20 @@ class ActorRun:
 
     def __iter__(self) -> Iterator[VideoStatus]:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
-        layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units)
-        log.info("starting %d actors (%.2g CPU, %.2g GPU each)", layout.count, layout.cpus_each, layout.gpus_each)
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units, nodes)
+        log.info("starting %d actors (%.2g CPU, %.2g GPU, %d decode streams each)", layout.count, layout.cpus_each,
+                 layout.gpus_each, layout.streams)
         run_id = uuid.uuid4().hex
         progress_name = f"job-progress-{run_id}"
         # On the driver's node: the counter holds the stall clocks, and a worker node may be lost mid-run.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ProgressCounter.options(num_cpus=0, name=progress_name, scheduling_strategy=here).remote()
         actors = [
+            # A stream per concurrent call, and one more so that a health check or `close` is never queued.
             VideoWorker.options(num_cpus=layout.cpus_each, num_gpus=layout.gpus_each,
-                                runtime_env=runtime.actor_runtime_env)
-            .remote(cfg, progress_name, max(1, int(layout.cpus_each)), run_id)
+                                runtime_env=runtime.actor_runtime_env, max_concurrency=layout.streams + 1)
+            .remote(cfg, progress_name, layout.decode_threads, run_id)
             for _ in range(layout.count)
         ]
         bar: tqdm | None = None  # shown once the model has loaded: a model that cannot load is one line, no bar
@@ -297,8 +302,9 @@ class ActorRun:
                        mininterval=1.0)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
-                             stall_timeout_s=cfg.ray.stall_timeout_s,
-                             sizer=TailSizer(self.work.frames_by_video, cfg.ray.segment_frames, layout.count))
+                             stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams,
+                             sizer=TailSizer(self.work.frames_by_video, cfg.ray.segment_frames,
+                                             layout.count * layout.streams))
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
                 yield status

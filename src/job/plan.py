@@ -187,17 +187,27 @@ class ActorLayout:
     count: int
     cpus_each: float
     gpus_each: float
+    streams: int = 1  # tasks each actor decodes at once, all feeding its one model
+
+    @property
+    def decode_threads(self) -> int:
+        """PyAV threads per stream: the actor's CPUs shared among its streams."""
+        return max(1, int(self.cpus_each + 1e-9) // self.streams)
 
 
-def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float], units: int) -> ActorLayout:
-    """How many actors, and the CPUs and GPUs each asks Ray for, given the cluster's declared resources
-    and the units of work ahead (no idle actors for a short list).
+def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float], units: int,
+                 nodes: list[dict[str, float]] | None = None) -> ActorLayout:
+    """How many actors, the CPUs and GPUs each asks Ray for, and the streams each decodes at once, given
+    the cluster's declared resources (`nodes`: each node's, where known) and the units of work ahead (no
+    idle actors for a short list).
 
-    On GPUs: one actor per `gpus_per_actor` share, with `cpus_per_actor` (null: 2) CPUs each for
-    decoding. On CPUs only, by default one actor per CPU (faster than fewer actors with more threads:
-    benchmarks/long_video.md; and the model runs on one thread whatever the layout, so that results do
-    not depend on it: `detect.CPU_INFERENCE_THREADS`), or fewer actors sharing every CPU (for decoding)
-    when there are fewer units of work.
+    On GPUs: one actor per `gpus_per_actor` share; by default each takes an equal share of its node's CPUs
+    (those of the node with the fewest per GPU actor, so that every actor fits wherever it lands) and
+    decodes one stream per CPU, because a GPU actor's model costs the CPU next to nothing and decoding is
+    what it waits on (benchmarks/gpu.md). On CPUs only, by default one actor per CPU (faster than fewer
+    actors with more threads: benchmarks/long_video.md; and the model runs on one thread whatever the
+    layout, so that results do not depend on it: `detect.CPU_INFERENCE_THREADS`), or fewer actors sharing
+    every CPU (for decoding) when there are fewer units of work.
     """
     gpus = resources.get("GPU", 0.0) if device != Device.cpu else 0.0
     cpus = resources.get("CPU", 1.0)
@@ -205,7 +215,8 @@ def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float]
         raise ConfigError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
     gpus_each = min(ray_cfg.gpus_per_actor, gpus) if gpus else 0.0
     if gpus:
-        cpus_each = min(ray_cfg.cpus_per_actor or 2.0, cpus)
+        cpus_each = ray_cfg.cpus_per_actor or _gpu_node_cpu_share(nodes or [resources], gpus_each)
+        cpus_each = min(cpus_each, cpus)
         count = ray_cfg.num_actors or max(1, math.floor(gpus / gpus_each + 1e-9))
     elif ray_cfg.cpus_per_actor is None:
         count = ray_cfg.num_actors or max(1, min(math.floor(cpus + 1e-9), units))
@@ -219,4 +230,14 @@ def actor_layout(ray_cfg: RayConfig, device: Device, resources: dict[str, float]
         raise ConfigError(
             f"ray.num_actors={count} x ray.gpus_per_actor={gpus_each} needs more than the cluster's {gpus:g} GPUs"
         )
-    return ActorLayout(min(count, max(units, 1)), cpus_each, gpus_each)
+    streams = ray_cfg.decode_streams or (max(1, int(cpus_each + 1e-9)) if gpus else 1)
+    return ActorLayout(min(count, max(units, 1)), cpus_each, gpus_each, streams)
+
+
+def _gpu_node_cpu_share(nodes: list[dict[str, float]], gpus_each: float) -> float:
+    """The CPUs each GPU actor may take so that the actors of the node with the fewest CPUs per actor fit,
+    rounded down to Ray's resource precision."""
+    shares = [node.get("CPU", 0.0) / math.floor(node["GPU"] / gpus_each + 1e-9)
+              for node in nodes if node.get("GPU", 0.0) + 1e-9 >= gpus_each]
+    share = min(shares, default=1.0)
+    return max(1.0, math.floor(share * 100) / 100) if share >= 1 else share

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from job.discover import Video
@@ -52,9 +53,24 @@ class Sizer:
         pass
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A task in flight: on which actor, in which of its lives, holding how many of its streams."""
+
+    task: Task
+    actor: int  # index into ActorPool.actors
+    life: int
+    streams: int  # 1, or all of the actor's for a task retried alone
+
+
 class ActorPool:
     """Hands each task (a video, or a segment of a long one) to a free actor; a task whose actor died
     goes back in the queue.
+
+    An actor runs up to `streams` tasks at once (a GPU actor's decode streams, all feeding its one model).
+    When an actor dies with several tasks in flight, nobody knows which one killed it: each is retried
+    alone on an actor with nothing else running, and only a death while alone counts as an attempt, so a
+    file that crashes its decoder is given up without taking its neighbours' attempts with it.
 
     A long video comes back from its first actor as a `Split`: its segments go to the front of the
     queue, so every free actor takes one, and its row is the merge of theirs, `record`ed when the last
@@ -66,16 +82,21 @@ class ActorPool:
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
                  record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
-                 stall_timeout_s: float | None = None, sizer: Sizer | None = None) -> None:
+                 stall_timeout_s: float | None = None, sizer: Sizer | None = None, streams: int = 1) -> None:
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
+        self.actors, self.streams = list(actors), streams
         self.sizer = sizer or Sizer()
         self.stall_timeout_s = stall_timeout_s
         self.started_at: dict[Ref, float] = {}
         self.killed: set[Ref] = set()
         self.max_pings, self.ping_interval_s = max_pings, ping_interval_s
-        self.idle = list(actors)
-        self.running: dict[Ref, tuple[Task, Any]] = {}
-        self.recovering: dict[Ref, tuple[Any, int]] = {}  # health-check ref -> (actor being restarted, pings)
+        # One entry per free stream: actor i is here as many times as it could take tasks now.
+        self.idle: list[int] = [i for _ in range(streams) for i in range(len(self.actors))]
+        self.running: dict[Ref, _Call] = {}
+        self.recovering: dict[Ref, tuple[int, int]] = {}  # health-check ref -> (actor being restarted, pings)
+        self.lives = [0] * len(self.actors)  # how many times each actor has died: a call's `life` is the one it ran in
+        self.died_with: dict[tuple[int, int], int] = {}  # (actor, life) -> calls in flight when it died
+        self.alone: set[str] = set()  # task keys that died in company: retried on an actor with nothing else
         self.attempts: dict[str, int] = {}
         self.queue: list[Task] = []  # popped from the end
         self.segments: dict[str, tuple[int, list[VideoStatus]]] = {}  # video_id -> (segments, those done)
@@ -101,28 +122,37 @@ class ActorPool:
 
     def _dispatch(self) -> None:
         while self.queue and self.idle:
-            task, actor = self.queue.pop(), self.idle.pop()
+            alone = self.queue[-1].key in self.alone
+            if alone:  # waits for an actor with every stream free; the others take nothing new meanwhile
+                free = [i for i in set(self.idle) if self.idle.count(i) == self.streams]
+                if not free:
+                    return
+                actor = free[0]
+                self.idle = [i for i in self.idle if i != actor]
+            else:
+                actor = self.idle.pop()
+            task = self.queue.pop()
             if not task.is_segment:
                 now = time.monotonic()
                 task = self.sizer.size(task, self.queue,
-                                       [(t, now - self.started_at[ref]) for ref, (t, _) in self.running.items()])
+                                       [(c.task, now - self.started_at[ref]) for ref, c in self.running.items()])
             self.attempts[task.key] = self.attempts.get(task.key, 0) + 1
-            ref = self.backend.submit(actor, task, self.attempts[task.key])
-            self.running[ref] = (task, actor)
+            ref = self.backend.submit(self.actors[actor], task, self.attempts[task.key])
+            self.running[ref] = _Call(task, actor, self.lives[actor], self.streams if alone else 1)
             self.started_at[ref] = time.monotonic()
 
     def _recovered(self, ref: Ref) -> None:
         actor, pings = self.recovering.pop(ref)
         try:
             self.backend.result(ref)
-            self.idle.append(actor)
+            self.idle.extend([actor] * self.streams)
         except ActorDied as exc:
             if pings >= self.max_pings:
                 log.warning("a worker did not come back after %d health checks, going on without it: %s",
                             pings, exc)
                 return
             time.sleep(self.ping_interval_s)  # still restarting: ask again shortly
-            self.recovering[self.backend.ping(actor)] = (actor, pings + 1)
+            self.recovering[self.backend.ping(self.actors[actor])] = (actor, pings + 1)
 
     def _kill_stalled(self) -> None:
         """A worker that reports no progress for stall_timeout_s (a stuck read, a decoder deadlock, a
@@ -131,16 +161,17 @@ class ActorPool:
             return
         ages = self.backend.progress_ages()
         now = time.monotonic()
-        for ref, (task, actor) in self.running.items():
-            age = min(ages.get(task.key, float("inf")), now - self.started_at[ref])
+        for ref, call in self.running.items():
+            age = min(ages.get(call.task.key, float("inf")), now - self.started_at[ref])
             if age > self.stall_timeout_s and ref not in self.killed:
                 log.warning("%s: no progress for %.0f s (ray.stall_timeout_s=%g): killing its worker and "
-                            "retrying it", task.describe(), age, self.stall_timeout_s)
+                            "retrying it", call.task.describe(), age, self.stall_timeout_s)
                 self.killed.add(ref)
-                self.backend.kill(actor)
+                self.backend.kill(self.actors[call.actor])
 
     def _completed(self, ref: Ref) -> VideoStatus | None:
-        task, actor = self.running.pop(ref)
+        call = self.running.pop(ref)
+        task, actor = call.task, call.actor
         self.started_at.pop(ref, None)
         stalled = ref in self.killed
         self.killed.discard(ref)
@@ -148,13 +179,25 @@ class ActorPool:
         try:
             result = self.backend.result(ref)
         except CallFailed as exc:
-            self.idle.append(actor)  # the actor is fine: record the video as failed and go on
+            self.idle.extend([actor] * call.streams)  # the actor is fine: record the video as failed and go on
             return self._give_up(task, tries, f"internal error: {exc}")
         except ActorDied as exc:
             cause = str(exc)
             if stalled:
                 cause = f"it made no progress for ray.stall_timeout_s={self.stall_timeout_s:g} s (a hung read or decoder)"
-            self.recovering[self.backend.ping(actor)] = (actor, 1)
+            if call.life == self.lives[actor]:  # the first of its calls to come back dead: restart it
+                self.died_with[actor, call.life] = 1 + sum(
+                    1 for other in self.running.values() if other.actor == actor and other.life == call.life)
+                self.lives[actor] += 1
+                self.idle = [i for i in self.idle if i != actor]
+                self.recovering[self.backend.ping(self.actors[actor])] = (actor, 1)
+            if self.died_with[actor, call.life] > 1:  # in company: this one may not be the cause
+                log.warning("worker died running %s and %d other tasks, retrying it alone: %s", task.describe(),
+                            self.died_with[actor, call.life] - 1, cause)
+                self.attempts[task.key] -= 1
+                self.alone.add(task.key)
+                self.queue.append(task)
+                return None
             if tries < self.max_attempts:
                 log.warning("worker died on %s (attempt %d), retrying: %s", task.describe(), tries, cause)
                 self.queue.append(task)
@@ -162,7 +205,7 @@ class ActorPool:
             return self._give_up(task, tries, (
                 f"the worker process died on this video {tries} times: it crashed (e.g. a segfault in a native "
                 f"decoder: its stack is in the run's log), was killed or ran out of memory; last: {cause}"))
-        self.idle.append(actor)
+        self.idle.extend([actor] * call.streams)
         if isinstance(result, VideoStatus):
             self.sizer.done(result)
         if isinstance(result, Split):

@@ -124,3 +124,42 @@ def make_demo(directory: str | Path, model_name: str = "ssdlite320_mobilenet_v3_
     weights = directory / f"{model_name}-calibrated.pth"
     torch.save(calibrated_state_dict(model_name, [scene(i, 320, 240) for i in range(0, 48, 3)]), weights)
     return videos, weights
+
+
+class StandInAccelerator(torch.nn.Module):
+    """Plays a GPU on a machine without one (a plug-in: `model._target_=job.samples.stand_in_accelerator`):
+    each call waits `ms_per_frame` per frame without using the CPU, as a kernel queue would, and finds the
+    box around the bright pixels of every 16th row and column, so its answers follow the frames. With
+    `calls_log`, each call appends "pid WxH frames" to that file (which streams fed the model, in order)."""
+
+    takes_uint8 = True  # conversion is the device's work (`detect.Detector`)
+
+    def __init__(self, ms_per_frame: float, level: int, calls_log: str | None = None) -> None:
+        super().__init__()
+        self.ms_per_frame, self.level, self.calls_log = ms_per_frame, level, calls_log
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        import os
+        import time
+
+        time.sleep(self.ms_per_frame * len(images) / 1000)
+        if self.calls_log and images:
+            with open(self.calls_log, "a") as log:
+                log.write(f"{os.getpid()} {images[0].shape[2]}x{images[0].shape[1]} {len(images)}\n")
+        outputs = []
+        for image in images:  # uint8 (3, H, W)
+            step = 16
+            ys, xs = torch.nonzero((image[:, ::step, ::step] > self.level).all(dim=0), as_tuple=True)
+            if len(xs) == 0:
+                outputs.append({"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0),
+                                "labels": torch.zeros(0, dtype=torch.int64)})
+                continue
+            box = torch.tensor([[xs.min() * step, ys.min() * step, (xs.max() + 1) * step, (ys.max() + 1) * step]],
+                               dtype=torch.float32)
+            outputs.append({"boxes": box, "scores": torch.tensor([0.99]), "labels": torch.tensor([1])})
+        return outputs
+
+
+def stand_in_accelerator(weights: str, ms_per_frame: float = 0.2, level: int = 200, calls_log: str | None = None):
+    """The plug-in contract for `StandInAccelerator`: (module, class names)."""
+    return StandInAccelerator(ms_per_frame, level, calls_log), ["bright"]
