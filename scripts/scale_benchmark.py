@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from urllib.parse import unquote
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -26,6 +29,7 @@ from report import header, publish  # noqa: E402
 from job.samples import write_video  # noqa: E402
 
 BUCKET = "job-scale-bucket"
+VIDEO_OR_NUMBER = re.compile(r"v\d{6}[^/.]*|\d{2,}")
 
 
 def run_job(video_dir: str, output_dir: str, env: dict, log_dir: Path) -> float:
@@ -39,6 +43,16 @@ def run_job(video_dir: str, output_dir: str, env: dict, log_dir: Path) -> float:
     return time.monotonic() - started
 
 
+def request_kind(method: str, path: str) -> str:
+    """A request with its video ids and numbers starred out: `GET out/_state/progress/*`, `LIST out/predictions/*`."""
+    where, _, query = unquote(path).partition("?")
+    params = dict(item.partition("=")[::2] for item in query.split("&") if item)
+    if method == "GET" and "list-type" in params:
+        method, where = "LIST", f"{where.rstrip('/')}/{params.get('prefix', '')}"
+    key = where.lstrip("/").split("/", 1)[-1]
+    return f"{method} {VIDEO_OR_NUMBER.sub('*', key)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=200)
@@ -49,6 +63,7 @@ def main() -> None:
     clip = tmp / "clip.mp4"
     write_video(clip, 10, size=(64, 48))
     rows = []
+    kinds: dict[str, Counter] = {}
     if args.store == "local":
         for i in range(args.videos):
             (tmp / "videos").mkdir(exist_ok=True)
@@ -76,11 +91,13 @@ def main() -> None:
             proxy.failing = False
             for run in ("first run", "rerun, all done"):
                 before = proxy.requests
+                seen_before = len(proxy.seen)
                 seconds = run_job(f"s3://{BUCKET}/videos", f"s3://{BUCKET}/out",
                                   {**os.environ, "AWS_ENDPOINT_URL": proxy.url}, tmp / f"h-{run[:5]}")
                 listing = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="out/")
                 files = sum(len(page.get("Contents", [])) for page in listing)
                 rows.append((run, seconds, (proxy.requests - before) / args.videos, files / args.videos))
+                kinds[run] = Counter(request_kind(method, path) for method, path in proxy.seen[seen_before:])
         server.stop()
     lines = [*header("Many tiny clips", args, f"{args.videos} clips of 10 frames (64x48 H.264), a plug-in detector "
                      f"that costs nothing; output on {'moto S3 behind a counting proxy' if args.store == 's3' else 'local disk'}"),
@@ -89,6 +106,9 @@ def main() -> None:
     for run, seconds, requests, files in rows:
         lines.append(f"| {run} | {seconds:.1f} | {1000 * seconds / args.videos:.1f} | "
                      f"{'' if requests is None else f'{requests:.2f}'} | {files:.2f} |")
+    for run, counts in kinds.items():
+        lines += ["", f"Requests of the {run}, by kind (per video):", "", "| request | per video |", "| --- | --- |"]
+        lines += [f"| `{kind}` | {count / args.videos:.2f} |" for kind, count in counts.most_common()]
     lines.append("")
     publish(lines, args.out)
 

@@ -28,6 +28,7 @@ class FlakyProxy:
         self.upstream = urlsplit(upstream).netloc
         self.every, self.outage_s, self.lock = every, outage_s, threading.Lock()
         self.requests = self.failed = 0
+        self.seen: list[tuple[str, str]] = []  # (method, path with query) of every request, in order
         self.outage_until = 0.0
         self.failing = True
         proxy = self
@@ -42,6 +43,7 @@ class FlakyProxy:
                 body = self._body()
                 with proxy.lock:
                     proxy.requests += 1
+                    proxy.seen.append((self.command, self.path))
                     now = time.monotonic()
                     if proxy.failing and proxy.requests % proxy.every == 0:
                         proxy.outage_until = now + proxy.outage_s

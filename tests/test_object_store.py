@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import boto3
 import polars as pl
@@ -340,34 +341,41 @@ def test_a_store_failing_one_request_in_twenty_gives_exactly_a_clean_runs_rows(s
 
 
 @pytest.mark.slow
-def test_small_objects_are_one_request_each_and_a_rerun_reads_no_video(s3, weights_path, tmp_path):
-    """Counted through a proxy that fails nothing: every part, record and table is one PUT, a record one GET,
-    fingerprints come from the listing, and a rerun of finished videos sends about one request each."""
+def test_a_new_video_costs_five_requests_and_a_done_one_none(s3, weights_path, tmp_path):
+    """Counted through a proxy that fails nothing. A new (one-part) video costs 5 requests: one GET of its
+    bytes, a GET and a PUT of its progress record, a PUT of its part and one of its status (no multipart
+    upload, no HEAD, no listing of its partition); a rerun of finished videos sends no request naming any
+    of them (fingerprints from the listing, statuses from the index), only the run's own few."""
     from faults import FlakyProxy
 
     client, env, local = s3
-    for i in range(12):
-        client.upload_file(str(local / "clip 1.mp4"), BUCKET, f"many/v{i:02d}.mp4")
+    names = [f"v{i:02d}" for i in range(12)]
+    for name in names:
+        client.upload_file(str(local / "clip 1.mp4"), BUCKET, f"many/{name}.mp4")
     with FlakyProxy(env["AWS_ENDPOINT_URL"]) as proxy:
         proxy.failing = False
-        seen: list[tuple[str, str]] = []
-        handler = proxy.server.RequestHandlerClass
-        forward = handler.handle_one
-
-        def counted(self):
-            seen.append((self.command, self.path))
-            return forward(self)
-
-        handler.do_GET = handler.do_PUT = handler.do_POST = handler.do_HEAD = handler.do_DELETE = counted
         runs = []
         for _ in ("first", "rerun"):
-            start = len(seen)
+            start = len(proxy.seen)
             run_job(f"s3://{BUCKET}/many", f"s3://{BUCKET}/many-out", weights_path,
-                    {**env, "AWS_ENDPOINT_URL": proxy.url}, tmp_path, "ray.num_actors=1")
-            runs.append(seen[start:])
+                    {**env, "AWS_ENDPOINT_URL": proxy.url}, tmp_path, "ray.num_actors=1",
+                    "output.commit_every_frames=1000")
+            runs.append([(method, unquote(path)) for method, path in proxy.seen[start:]])
     first, rerun = runs
     assert not [path for method, path in first if "uploads" in path or "partNumber" in path], "no multipart"
-    video_reads = [path for method, path in rerun if path.split("?")[0].endswith(".mp4")]
-    assert video_reads == [], "a rerun reads no video bytes (fingerprints from the listing)"
-    # 12 videos, so the run's fixed requests weigh in: before this change 22.7 and 8.0 per video here.
-    assert len(first) / 12 < 16 and len(rerun) / 12 < 3.5, (len(first) / 12, len(rerun) / 12)
+    assert not [path for method, path in first + rerun if method == "HEAD"], "no HEAD before a GET"
+    def kind(path: str) -> str:
+        for marker, name in (("/_state/progress/", "progress"), ("/predictions/", "part"),
+                             ("/_state/videos/", "status"), (".mp4", "video")):
+            if marker in path:
+                return name
+        return path
+
+    per_video = {name: sorted((method, kind(path)) for method, path in first if name in path) for name in names}
+    assert set(map(tuple, per_video.values())) == {
+        (("GET", "progress"), ("GET", "video"), ("PUT", "part"), ("PUT", "progress"), ("PUT", "status"))
+    }, per_video
+    run_level = [request for request in first if not any(name in request[1] for name in names)]
+    assert len(run_level) < 30, run_level  # the lease, listings, tables: the same for any number of videos
+    assert [request for request in rerun if any(name in request[1] for name in names)] == []
+    assert len(rerun) < 30, rerun

@@ -17,9 +17,12 @@ from job.status import VideoStatus
 class FakeBackend:
     """Calls complete in submission order, one per wait; `script` says what a video's n-th attempt does."""
 
-    def __init__(self, script=None, restarts=True):
+    def __init__(self, script=None, restarts=True, starts_after=None, cannot_start=()):
         self.script = script or {}  # (video_id, attempt) -> "die" | "bug"
         self.restarts = restarts
+        self.starts_after = starts_after or {}  # actor -> calls completed before it answers its first ping
+        self.cannot_start = set(cannot_start)  # actors whose first ping fails as their constructor did
+        self.completed = 0
         self.ids = itertools.count()
         self.calls: dict[int, tuple] = {}
         self.log: list[tuple[str, int, str]] = []  # (video_id, attempt, actor)
@@ -41,6 +44,8 @@ class FakeBackend:
     def wait(self, refs, timeout):
         def hung(ref):
             kind, actor, task, attempt = self.calls[ref]
+            if kind == "ping":
+                return self.completed < self.starts_after.get(actor, 0)
             return kind == "process" and self.script.get((task.key, attempt)) == "hang" and actor not in self.killed
 
         return sorted(ref for ref in refs if not hung(ref))[:1]
@@ -54,10 +59,13 @@ class FakeBackend:
     def result(self, ref):
         kind, actor, task, attempt = self.calls.pop(ref)
         if kind == "ping":
+            if actor in self.cannot_start:
+                raise CallFailed("WorkersCannotStartError: CUDA out of memory")
             if not self.restarts:
                 raise ActorDied("still dead")
             return "cpu"
         outcome = self.script.get((task.key, attempt))
+        self.completed += 1
         if actor in self.killed:
             self.killed.discard(actor)
             raise ActorDied("killed")
@@ -88,6 +96,24 @@ def test_every_video_is_done_once_and_both_actors_work():
     assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values())
     assert {actor for _, _, actor in backend.log} == {"a", "b"}
     assert recorded == []
+
+
+def test_actors_take_work_as_each_is_ready_not_when_the_slowest_is():
+    backend = FakeBackend(starts_after={"b": 3})
+    statuses = run(ActorPool(["a", "b"], backend, 3, lambda s: None, starting={1}), videos(8))
+    assert sorted(statuses) == [f"v{i}-000" for i in range(8)]
+    assert [actor for _, _, actor in backend.log[:3]] == ["a", "a", "a"]  # a did not wait for b
+    assert "b" in {actor for _, _, actor in backend.log}  # and b joined once it answered
+
+
+def test_a_worker_that_cannot_start_is_left_out_and_the_others_do_the_work(caplog):
+    backend = FakeBackend(cannot_start={"b"})
+    statuses = run(ActorPool(["a", "b"], backend, 3, lambda s: None, starting={1}), videos(4))
+    assert all(s.status == "ok" for s in statuses.values()) and len(statuses) == 4
+    assert {actor for _, _, actor in backend.log} == {"a"}
+    assert "a worker could not start, going on without it: WorkersCannotStartError: CUDA out of memory" in caplog.text
+    with pytest.raises(WorkersCannotStartError, match="every Ray worker died"):
+        run(ActorPool(["b"], FakeBackend(cannot_start={"b"}), 3, lambda s: None, starting={0}), videos(1))
 
 
 def test_a_video_whose_actor_died_is_retried_and_the_actor_comes_back():

@@ -184,6 +184,44 @@ def test_a_video_replaced_after_it_was_done_or_between_a_kill_and_the_rerun_is_d
         assert predictions(out / "out").equals(predictions(tmp_path / "clean")), when
 
 
+def test_a_rerun_reads_no_bytes_of_a_file_stat_says_is_unchanged(tmp_path, make_cfg, detector, monkeypatch):
+    """Only a changed `stat` (size, mtime, ctime, inode) has the content hashed; the hash decides."""
+    import os
+    import shutil
+
+    from job import plan as planning
+    from job.samples import scene
+    from job.storage import file_identity
+
+    for name, seed in (("a.mp4", 1), ("b.mp4", 2)):
+        write_video(tmp_path / "in" / name, [scene(i, 64, 48, seed=seed) for i in range(4)], size=(64, 48))
+    cfg = make_cfg(tmp_path / "in")
+    for video in discover_videos(tmp_path / "in"):
+        assert process(video, cfg, detector).file_identity == file_identity(video.path)
+    reads, hashed = [], planning.fingerprint
+    monkeypatch.setattr(planning, "fingerprint", lambda path: reads.append(os.path.basename(path)) or hashed(path))
+
+    def plan():
+        done = planning.make_plan(cfg, OutputDir(cfg.output_dir))
+        done.lease.release()
+        return done
+
+    assert plan().todo == [] and reads == []
+    a, b = tmp_path / "in" / "a.mp4", tmp_path / "in" / "b.mp4"
+    shutil.copy2(a, tmp_path / "copy.mp4")  # as cp -p: the same bytes and mtime, another inode and ctime
+    os.replace(tmp_path / "copy.mp4", a)
+    again = plan()
+    assert again.todo == [] and reads == ["a.mp4"]
+    (video_a,) = [v for v in again.videos if v.relative_path == "a.mp4"]
+    assert again.finished[video_a.video_id].file_identity == file_identity(str(a))  # for the status index
+    before = os.stat(b)
+    data = bytearray(b.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # other bytes, the same size, the mtime set back
+    b.write_bytes(bytes(data))
+    os.utime(b, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert [v.relative_path for v in plan().todo] == ["b.mp4"]
+
+
 def test_a_clip_cut_without_reencoding_is_ok_not_partial(tmp_path, make_cfg, detector):
     """The edit list's lead-in is not shown, so not missing: every shown frame is detected, timed from 0."""
     source = write_video(tmp_path / "source.mp4", 60, options={"g": "10", "bf": "0"})

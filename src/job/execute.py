@@ -167,6 +167,9 @@ class VideoWorker:
         return str(self.detector.device), self.detector.model_cfg, None
 
     def device(self) -> str:
+        """The health check: also the pool's sign that a worker still starting may take work."""
+        if self.startup_error is not None:
+            raise WorkersCannotStartError(self.startup_error)
         return str(self.detector.device)
 
     def process(self, task: Task, attempts: int) -> VideoStatus | Split:
@@ -295,14 +298,16 @@ class ActorRun:
             bar.update(done - bar.n)
 
         try:
-            devices, model = _wait_until_ready(actors)
-            log.info("actors ready on %s", ", ".join(sorted(set(devices))))
+            ready, device, model = _wait_for_the_first(actors)
+            log.info("%d of %d actors ready on %s; the others take work as each is ready", len(ready),
+                     len(actors), device)
             self.on_model_loaded(model)
             bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
                        mininterval=1.0)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
                              stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams,
+                             starting=set(range(len(actors))) - ready,
                              sizer=TailSizer(self.work.frames_by_video, cfg.ray.segment_frames,
                                              layout.count * layout.streams))
             for status in pool.run(todo, tick=update_bar):
@@ -318,10 +323,15 @@ class ActorRun:
             ray.kill(progress)
 
 
-def _wait_until_ready(actors: list[Any]) -> tuple[list[str], ModelConfig]:
-    """Surface a model that cannot load (bad weights, no internet) once, not as a failure per video."""
+def _wait_for_the_first(actors: list[Any]) -> tuple[set[int], str, ModelConfig]:
+    """(indices of the actors ready now, the first one's device and model settings) once one actor has
+    loaded its model. A model that cannot load (bad weights, no internet) is reported here once, not as
+    a failure per video; the pool gives the others work as each answers."""
+    pending = {actor.ready.remote(): i for i, actor in enumerate(actors)}
+    first, _ = ray.wait(list(pending), num_returns=1)
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
     try:
-        answers = ray.get([actor.ready.remote() for actor in actors])
+        device, model, error = ray.get(first[0])
     except RayActorError as exc:
         reason = root_cause(exc)
         if "No module named 'job'" in str(exc):
@@ -330,10 +340,9 @@ def _wait_until_ready(actors: list[Any]) -> tuple[list[str], ModelConfig]:
                 "every node, or submit with the runtime_env the README's cluster section shows"
             ) from None
         raise WorkersCannotStartError(f"the Ray workers could not start: {reason}") from None
-    errors = sorted({error for _, _, error in answers if error})
-    if errors:
-        raise WorkersCannotStartError(f"the Ray workers could not load the model: {errors[0]}")
-    return [device for device, _, _ in answers], answers[0][1]
+    if error:
+        raise WorkersCannotStartError(f"the Ray workers could not load the model: {error}")
+    return {pending[ref] for ref in ready} | {pending[first[0]]}, device, model
 
 
 def root_cause(exc: BaseException) -> str:

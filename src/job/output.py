@@ -63,6 +63,14 @@ def parquet_bytes(frame: pl.DataFrame, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a video's detection resumes, and the segment bounds recorded for it (a split video)."""
+
+    frame: int
+    split: list[int] | None = None
+
+
 class OutputDir:
     """The job's output layout on a `Store`: parts, status records, settings, tables, manifest."""
 
@@ -133,16 +141,18 @@ class OutputDir:
                 parts.append((int(match.group(1)), int(match.group(2)), name))
         return sorted(parts)
 
-    def resume_point(self, video_id: str, fingerprint: str | None, path: str | None = None) -> int:
+    def resume_point(self, video_id: str, fingerprint: str | None, path: str | None = None) -> ResumePoint:
         """Where to resume `video_id` whose content now has `fingerprint`: after its committed parts, or at 0.
 
         Parts of other content (the file was replaced since they were committed) are deleted first,
-        with the video's status; the fingerprint is recorded before the first new part is committed.
+        with the video's status; the fingerprint is recorded before the first new part is committed, so
+        a video without the record has no parts to look for (one request fewer per new video).
         """
         record = progress_record(video_id)
-        stored = self.store.get(record)
-        if stored is not None and json.loads(stored).get("fingerprint") == fingerprint:
-            return self.committed_end(video_id)
+        stored_bytes = self.store.get(record)
+        stored = json.loads(stored_bytes) if stored_bytes is not None else None
+        if stored is not None and stored.get("fingerprint") == fingerprint:
+            return ResumePoint(self.committed_end(video_id), stored.get("split"))
         if stored is not None:
             log.warning("%s changed since its detections were made: detecting it again", video_id)
             self.store.delete(status_record(video_id))
@@ -150,7 +160,7 @@ class OutputDir:
             for name in self.store.names(partition(video_id)):
                 self.store.delete(f"{partition(video_id)}/{name}")
         self.store.put(record, json_bytes({"fingerprint": fingerprint, "path": path}))
-        return self.committed_end(video_id)
+        return ResumePoint(0, None)
 
     def recorded_video_ids(self) -> set[str]:
         """Every video this output_dir holds anything of: a status, a started video, or a partition."""
@@ -181,11 +191,6 @@ class OutputDir:
         self.store.delete(progress_record(video_id))
         self._remove_segment_records(video_id)
         self.remove_tracks(video_id)
-
-    def recorded_split(self, video_id: str) -> list[int] | None:
-        """The segment bounds a split video's parts were cut at (recorded with its fingerprint)."""
-        stored = self.store.get(progress_record(video_id))
-        return json.loads(stored).get("split") if stored is not None else None
 
     def record_split(self, video_id: str, bounds: list[int]) -> None:
         """Recorded before any segment is processed, so a rerun cuts the video where its parts are."""

@@ -20,7 +20,7 @@ from job.layout import partition
 from job.lease import Lease
 from job.output import OutputDir
 from job.status import VideoStatus
-from job.storage import fingerprint, is_uri
+from job.storage import file_identity, fingerprint, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,12 @@ def _size(video: Video) -> int:
 
 
 def _changed(video: Video, previous: VideoStatus) -> bool:
-    """Whether the file's content differs from what its final status was made from."""
+    """Whether the file's content differs from what its final status was made from: no bytes read while
+    `stat` says the local file is the one it was (or the listing gave the object's fingerprint). Where
+    only `stat` changed (a `cp -p`, a touch), `previous` takes the new identity for the status index."""
+    identity = file_identity(video.path)
+    if previous.file_identity is not None and identity == previous.file_identity:
+        return False
     try:
         now = video.fingerprint or fingerprint(video.path)
     except OSError:
@@ -146,6 +151,7 @@ def _changed(video: Video, previous: VideoStatus) -> bool:
     if now != previous.fingerprint:
         log.info("%s changed since it was processed: processing it again", video.relative_path)
         return True
+    previous.file_identity = identity
     return False
 
 

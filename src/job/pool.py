@@ -82,7 +82,10 @@ class ActorPool:
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
                  record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
-                 stall_timeout_s: float | None = None, sizer: Sizer | None = None, streams: int = 1) -> None:
+                 stall_timeout_s: float | None = None, sizer: Sizer | None = None, streams: int = 1,
+                 starting: set[int] | None = None) -> None:
+        """`starting`: indices of actors still loading their model; each takes work once it answers a
+        health check, so the others need not wait for the slowest to start."""
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
         self.actors, self.streams = list(actors), streams
         self.sizer = sizer or Sizer()
@@ -91,9 +94,11 @@ class ActorPool:
         self.killed: set[Ref] = set()
         self.max_pings, self.ping_interval_s = max_pings, ping_interval_s
         # One entry per free stream: actor i is here as many times as it could take tasks now.
-        self.idle: list[int] = [i for _ in range(streams) for i in range(len(self.actors))]
+        starting = starting or set()
+        self.idle: list[int] = [i for _ in range(streams) for i in range(len(self.actors)) if i not in starting]
         self.running: dict[Ref, _Call] = {}
         self.recovering: dict[Ref, tuple[int, int]] = {}  # health-check ref -> (actor being restarted, pings)
+        self.starting: dict[Ref, int] = {self.backend.ping(self.actors[i]): i for i in sorted(starting)}
         self.lives = [0] * len(self.actors)  # how many times each actor has died: a call's `life` is the one it ran in
         self.died_with: dict[tuple[int, int], int] = {}  # (actor, life) -> calls in flight when it died
         self.alone: set[str] = set()  # task keys that died in company: retried on an actor with nothing else
@@ -108,14 +113,16 @@ class ActorPool:
         self._dispatch()
         while self.queue or self.running:
             finished = []
-            for ref in self.backend.wait([*self.running, *self.recovering], poll_s):
-                if ref in self.recovering:
+            for ref in self.backend.wait([*self.running, *self.recovering, *self.starting], poll_s):
+                if ref in self.starting:
+                    self._started(ref)
+                elif ref in self.recovering:
                     self._recovered(ref)
                 else:
                     finished.append(self._completed(ref))
             self._dispatch()  # freed and recovered actors start their next task before the caller's bookkeeping
             yield from (status for status in finished if status is not None)
-            if not self.running and not self.idle and self.queue and not self.recovering:
+            if not self.running and not self.idle and self.queue and not self.recovering and not self.starting:
                 raise WorkersCannotStartError("every Ray worker died and none could be restarted")
             self._kill_stalled()
             tick()
@@ -140,6 +147,18 @@ class ActorPool:
             ref = self.backend.submit(self.actors[actor], task, self.attempts[task.key])
             self.running[ref] = _Call(task, actor, self.lives[actor], self.streams if alone else 1)
             self.started_at[ref] = time.monotonic()
+
+    def _started(self, ref: Ref) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            self.backend.result(ref)
+        except ActorDied:  # crashed while starting: Ray restarts it, and it joins when it answers
+            self.recovering[self.backend.ping(self.actors[actor])] = (actor, 1)
+            return
+        except CallFailed as exc:  # e.g. its GPU had no memory for the model: the others go on
+            log.warning("a worker could not start, going on without it: %s", exc)
+            return
+        self.idle.extend([actor] * self.streams)
 
     def _recovered(self, ref: Ref) -> None:
         actor, pings = self.recovering.pop(ref)

@@ -33,7 +33,7 @@ from job.output import OutputDir, detections_frame
 from job.prefetch import prefetch
 from job.segments import Split, Task, cut_points, snap_cuts
 from job.status import VideoStatus
-from job.storage import fingerprint
+from job.storage import file_identity, fingerprint
 from job.video_cache import VideoCache, local_copy
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detec
              on_progress: ProgressCallback | None, attempts: int, cache: VideoCache | None,
              decode_threads: int) -> VideoStatus | Split:
     video = task.video
+    identity = file_identity(video.path)  # before the fingerprint: a file changed in between is hashed next time
     try:
         content = video.fingerprint or fingerprint(video.path)
     except OSError:
@@ -87,7 +88,7 @@ def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detec
     try:
         with cache.local_copy(video.path, content) if cache else local_copy(video.path) as path:
             return _process_local(task, path, settings, output, detector, content, on_progress, attempts,
-                                  decode_threads)
+                                  decode_threads, identity)
     except FetchError as exc:  # the object store would not give us the video
         status = _new_status(task, detector, attempts)
         status.error, status.retryable = f"cannot fetch the video: {exc}", True
@@ -104,13 +105,14 @@ def _process_local(
     on_progress: ProgressCallback | None = None,
     attempts: int = 1,
     decode_threads: int = 1,
+    identity: str | None = None,
 ) -> VideoStatus | Split:
     video = task.video
     on_progress = on_progress or (lambda done, expected: None)
     stride = settings.frame_stride
     started = time.monotonic()
     status = _new_status(task, detector, attempts)
-    status.fingerprint = content
+    status.fingerprint, status.file_identity = content, identity
     try:
         info = probe(path)
     except VideoError as exc:
@@ -123,8 +125,9 @@ def _process_local(
         first, start = task.start, output.committed_end(video.video_id, task.start, task.end)
         expected = task.end - task.start
     else:
-        first, start = 0, output.resume_point(video.video_id, content, video.relative_path)
-        split = _split(task, info, settings.ray.segment_frames, output, start)
+        resume = output.resume_point(video.video_id, content, video.relative_path)
+        first, start = 0, resume.frame
+        split = _split(task, info, settings.ray.segment_frames, output, start, resume.split)
         if split is not None:
             return split
         expected = info.container_frames or (len(info.pts_s) if info.pts_s is not None else 0)
@@ -173,13 +176,12 @@ def _process_local(
 
 
 def _split(task: Task, info: VideoInfo, segment_frames: int | None, output: OutputDir,
-           start: int) -> Split | None:
-    """How to cut a long video (the cuts recorded by an earlier run win), or None to run it whole.
+           start: int, recorded: list[int] | None) -> Split | None:
+    """How to cut a long video (the cuts `recorded` by an earlier run win), or None to run it whole.
 
     A video an earlier unsplit run has committed parts of is finished whole: new cuts could cross its parts.
     """
     video = task.video
-    recorded = output.recorded_split(video.video_id)
     if recorded:
         return Split(video, tuple(recorded))
     keyframes = keyframe_indices(info)

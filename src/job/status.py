@@ -44,6 +44,7 @@ class VideoStatus:
     retryable: bool = False
     frames_this_run: int = 0
     fingerprint: str | None = None  # storage.fingerprint of the content the detections came from
+    file_identity: str | None = None  # storage.file_identity of a local file, taken before its fingerprint
     segment_start: int = 0  # a segment's status (segments.py): its first frame
 
     def to_json(self) -> bytes:

@@ -8,8 +8,10 @@ Write failures become the one `OutputWriteError` here, so no caller has to trans
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -68,14 +70,41 @@ def s3_client():
 
     One request per small object: a PUT (pyarrow's output stream sends a 3-request multipart upload
     even for a status record) and a GET (pyarrow's input stream HEADs first). boto3 reads the same
-    credentials and AWS_ENDPOINT_URL as pyarrow.
+    credentials and AWS_ENDPOINT_URL as pyarrow. One client per process and endpoint (building one
+    costs tens of ms; clients are thread-safe).
     """
+    return _s3_client_for(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+                          os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client_for(endpoint: str | None, access_key: str | None):
     try:
         import boto3
         from botocore.config import Config
     except ImportError:
         return None
     return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": STORE_ATTEMPTS}))
+
+
+def download(uri: str, target: IO[bytes]) -> None:
+    """An object's bytes into `target`: on S3 with boto3 one streamed GET (pyarrow HEADs first), else
+    pyarrow's input stream. OSError if the store would not give them."""
+    if uri.startswith("s3://") and (client := s3_client()) is not None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(8 << 20):
+                target.write(chunk)
+        except (BotoCoreError, ClientError) as exc:
+            raise OSError(f"GET {uri}: {exc}") from exc
+    else:
+        fs, remote = filesystem_for(uri)
+        with fs.open_input_stream(remote) as stream:
+            shutil.copyfileobj(stream, target, length=8 << 20)
+    target.flush()
 
 
 def s3_fingerprint(size: int, etag: str) -> str:
@@ -89,16 +118,14 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
 
     boto3 reads the same credentials and AWS_ENDPOINT_URL as pyarrow's S3 filesystem.
     """
-    try:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
+    client = s3_client()
+    if client is None:
         return None
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, key = path.split("/", 1)
-    retries = Config(retries={"mode": "standard", "max_attempts": STORE_ATTEMPTS})
     try:
-        boto3.client("s3", config=retries).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
             return False
@@ -311,6 +338,20 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tmp_dir: Path
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_identity(path: str) -> str | None:
+    """What `stat` says of a local file (size, mtime, ctime, inode, device); None for a URI or a file
+    that cannot be stat'ed. Any write, replacement or copy changes ctime or the inode (`cp -p` keeps
+    mtime, not ctime), so an unchanged identity means unchanged content without reading a byte; a
+    changed one only means "may have changed": `fingerprint` decides."""
+    if is_uri(path):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}:{stat.st_dev}"
 
 
 def fingerprint(path: str, sample: int = 1 << 20) -> str:

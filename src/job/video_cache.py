@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from job.errors import FetchError
-from job.storage import atomic_write, filesystem_for, is_uri
+from job.storage import atomic_write, download, is_uri
 
 
 @contextmanager
@@ -32,11 +32,8 @@ def local_copy(path: str) -> Iterator[str]:
 
 
 def _download(uri: str, target: IO[bytes]) -> None:
-    fs, remote = filesystem_for(uri)
     try:
-        with fs.open_input_stream(remote) as stream:
-            shutil.copyfileobj(stream, target, length=8 << 20)
-        target.flush()
+        download(uri, target)
     except OSError as exc:
         raise FetchError(str(exc)) from exc
 
