@@ -30,6 +30,20 @@ def build(weights: str, level: float = 0.8):
     return BrightSquareDetector(level), ["__background__", "bright square"]
 
 
+class NothingDetector(torch.nn.Module):
+    """Finds nothing and costs nothing (uint8 frames, no conversion): what is left is the job's own cost."""
+
+    takes_uint8 = True
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        empty = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+        return [empty for _ in images]
+
+
+def build_nothing(weights: str):
+    return NothingDetector(), ["__background__", "nothing"]
+
+
 HOSTILE_CLASS = "<script>alert('class')</script> & \"q\" ../../../escaped"
 
 

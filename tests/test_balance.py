@@ -34,6 +34,17 @@ def test_the_tail_sizer_counts_the_queued_videos_and_segments():
     assert sizer.size(Task(video[0]), segments[:1], []).segment_frames == MIN_SEGMENT_FRAMES
 
 
+def test_the_tail_sizer_reads_only_as_much_of_a_long_queue_as_it_needs():
+    """Summing the whole queue at every hand-out made a run of 20,000 clips quadratic."""
+    video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(10_000)]
+    sizer = TailSizer({v.video_id: 10 for v in video}, 1800, 2)
+    looked_at = []
+    frames = sizer.frames
+    sizer.frames = lambda task: looked_at.append(task) or frames(task)
+    assert sizer.size(Task(video[0]), [Task(v) for v in reversed(video[1:])], []).segment_frames == 1800
+    assert len(looked_at) <= 2, len(looked_at)  # the next one out is enough: 10 + 10 frames for 2 actors
+
+
 def test_the_last_video_is_cut_so_that_every_actor_ends_together():
     video = [Video(f"v{i}", f"/v/{i}.mp4", f"{i}.mp4") for i in range(2)]
     sizer = TailSizer({"v0": 200, "v1": 200}, 1800, 2)

@@ -83,6 +83,12 @@ class TailSizer:
             per_second = self.frames_timed / self.seconds_timed
             left = [max(0.0, self.frames(t) - seconds * per_second) for t, seconds in running]
             return dataclasses.replace(task, cuts=tuple(last_video_cuts(video_frames, left)))
-        queued_frames = video_frames + sum(self.frames(t) for t in queued)
+        # Summed only as far as the decision needs (next out first): all of it on every hand-out made the
+        # pool quadratic in the number of videos.
+        queued_frames, enough = video_frames, video_frames * self.actors
+        for other in reversed(queued):
+            if queued_frames >= enough:
+                break
+            queued_frames += self.frames(other)
         return dataclasses.replace(task, segment_frames=tail_segment_frames(self.segment_frames, video_frames,
                                                                             queued_frames, self.actors))

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -87,16 +88,10 @@ def probe(path: str) -> VideoInfo:
         fps = _fps(stream)
         duration_s = _duration_s(stream, container)
         listed_frames = stream.frames or None
-        try:
-            first = next(container.decode(stream), None)
-        except av.error.FFmpegError as exc:
-            raise VideoError(f"no decodable video frame ({codec}): {_reason(exc)}") from exc
-        if first is None:
-            raise VideoError(f"the video stream ({codec}) has no decodable frames")
+        first, frame_pts, hidden, keyframe_pts = _scan(container, stream, codec)
         rotation = _quarter_turns(first.rotation) * 90
         coded_w, coded_h = first.width, first.height
     width, height = (coded_h, coded_w) if rotation % 180 else (coded_w, coded_h)
-    frame_pts, hidden, keyframe_pts = _presentation_stamps(path)
     pts_s = None if frame_pts is None else (frame_pts - frame_pts[0]).astype(np.float64) * float(time_base)
     container_frames = listed_frames - hidden if listed_frames else None
     return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, pts_s, frame_pts, hidden,
@@ -411,36 +406,53 @@ class _FrameNumbering:
         return index
 
 
-def _presentation_stamps(path: str) -> tuple[np.ndarray | None, int, np.ndarray | None]:
-    """The shown video packets' PTS in display order, how many packets an edit list hides, and the
-    keyframes' PTS.
+def _scan(container, stream, codec: str) -> tuple[Any, np.ndarray | None, int, np.ndarray | None]:
+    """One pass over the packets, so a probe opens the file once: the first decoded frame (its size and
+    rotation), the shown video packets' PTS in display order, how many packets an edit list hides, and
+    the keyframes' PTS.
 
-    Demuxing only, no decoding. Packets flagged discard (the lead-in before an edit list's start,
-    which `ffmpeg -ss ... -c copy` leaves in the file) are never shown, so they are not frames.
+    Only the packets up to the first frame are decoded. Packets flagged discard (the lead-in before an
+    edit list's start, which `ffmpeg -ss ... -c copy` leaves in the file) are never shown, so they are
+    not frames. A damaged tail ends the scan with the stamps read so far (the decoder reports the
+    damage); no decodable frame at all is a VideoError.
     """
-    stamps: list[int] = []
+    stamps: list[int] | None = []  # None once a packet has no timestamp at all
     keyframes: list[int] = []
     hidden = 0
-    with av.open(path, metadata_errors=METADATA_ERRORS) as container:
-        stream = container.streams.video[0]
+    first = None
+    packets = container.demux(stream)
+    while True:
         try:
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue
-                if packet.is_discard:
-                    hidden += 1
-                    continue
-                stamp = packet.pts if packet.pts is not None else packet.dts
-                if stamp is None:
-                    return None, hidden, None
-                stamps.append(stamp)
-                if packet.is_keyframe:
-                    keyframes.append(stamp)
-        except av.error.FFmpegError:
-            pass  # damaged tail: the decoder reports it; keep the stamps read so far
+            packet = next(packets, None)
+        except av.error.FFmpegError as exc:
+            if first is None:
+                raise VideoError(f"no decodable video frame ({codec}): {_reason(exc)}") from exc
+            break  # damaged tail: keep the stamps read so far
+        if first is None:
+            try:  # demux ends with an empty packet, which flushes the decoder
+                decoded = stream.decode(packet) if packet is not None else []
+            except av.error.FFmpegError as exc:
+                raise VideoError(f"no decodable video frame ({codec}): {_reason(exc)}") from exc
+            first = decoded[0] if decoded else None
+        if packet is None:
+            break
+        if packet.size == 0 or stamps is None:
+            continue
+        if packet.is_discard:
+            hidden += 1
+            continue
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        if stamp is None:
+            stamps = None  # no display order to go by; only the first frame is still looked for
+            continue
+        stamps.append(stamp)
+        if packet.is_keyframe:
+            keyframes.append(stamp)
+    if first is None:
+        raise VideoError(f"the video stream ({codec}) has no decodable frames")
     if not stamps:
-        return None, hidden, None
-    return np.sort(np.asarray(stamps, dtype=np.int64)), hidden, np.sort(np.asarray(keyframes, dtype=np.int64))
+        return first, None, hidden, None
+    return first, np.sort(np.asarray(stamps, dtype=np.int64)), hidden, np.sort(np.asarray(keyframes, dtype=np.int64))
 
 
 def _fps(stream) -> float | None:

@@ -119,10 +119,11 @@ class ProgressCounter:
     def read(self) -> tuple[int, int]:
         return self.done, self.expected
 
-    def ages(self) -> dict[str, float]:
-        """Seconds since each video's worker last reported, measured on one clock (this actor's)."""
+    def ages(self, keys: list[str]) -> dict[str, float]:
+        """Seconds since the worker of each of these tasks last reported, measured on one clock (this
+        actor's); only those asked for, as the run's other thousands are done."""
         now = time.time()
-        return {video_id: now - at for video_id, at in self.last_progress.items()}
+        return {key: now - self.last_progress[key] for key in keys if key in self.last_progress}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -175,8 +176,7 @@ class VideoWorker:
     def process(self, task: Task, attempts: int) -> VideoStatus | Split:
         from job.process import process_task
 
-        report = BatchedProgress(self.progress, video_id=task.key)
-        report.flush(heartbeat=True)  # the task has started: its stall clock starts now
+        report = BatchedProgress(self.progress, video_id=task.key)  # its stall clock starts at its hand-out
         try:
             return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache,
                                 decode_threads=self.threads)
@@ -204,8 +204,8 @@ class BatchedProgress:
         if time.monotonic() - self.sent_at >= self.interval:
             self.flush()
 
-    def flush(self, heartbeat: bool = False) -> None:
-        if self.done or self.expected or heartbeat:
+    def flush(self) -> None:
+        if self.done or self.expected:
             self.counter.add.remote(self.done, self.expected, self.video_id)
         self.done = self.expected = 0
         self.sent_at = time.monotonic()
@@ -223,11 +223,11 @@ class RayBackend:
     def __init__(self, progress: Any = None) -> None:
         self.progress = progress
 
-    def progress_ages(self) -> dict[str, float]:
+    def progress_ages(self, keys: list[str]) -> dict[str, float]:
         if self.progress is None:
             return {}
         try:
-            return ray.get(self.progress.ages.remote(), timeout=30)
+            return ray.get(self.progress.ages.remote(keys), timeout=30)
         except (RayActorError, GetTimeoutError) as exc:  # no stall is judged this round; the run goes on
             log.warning("the progress counter did not answer: %s", first_line(exc))
             return {}

@@ -35,8 +35,8 @@ class Backend(Protocol):
         """Start `task` on `actor`; its result is a VideoStatus, or a Split for a long whole video."""
     def ping(self, actor: Any) -> Ref: ...
     def wait(self, refs: list[Ref], timeout: float) -> list[Ref]: ...
-    def progress_ages(self) -> dict[str, float]:
-        """Seconds since each task's worker last reported progress, by `Task.key`."""
+    def progress_ages(self, keys: list[str]) -> dict[str, float]:
+        """Seconds since the worker of each of these tasks (`Task.key`) last reported progress."""
     def kill(self, actor: Any) -> None:
         """Kill a (hung) actor so that its call fails as ActorDied and the actor restarts."""
     def result(self, ref: Ref) -> Any:
@@ -108,9 +108,12 @@ class ActorPool:
 
     def run(self, videos: list[Video], tick: Callable[[], None] = lambda: None,
             poll_s: float = 1.0) -> Iterator[VideoStatus]:
-        """Yields each video's final status as it completes; `tick` runs at least every `poll_s`."""
+        """Yields each video's final status as it completes; `tick` runs about every `poll_s`, not after
+        every completion (with thousands of tiny clips, its round trips and the stall check's would cost
+        more than the clips)."""
         self.queue = [Task(video) for video in reversed(videos)]
         self._dispatch()
+        ticked_at = time.monotonic()
         while self.queue or self.running:
             finished = []
             for ref in self.backend.wait([*self.running, *self.recovering, *self.starting], poll_s):
@@ -124,8 +127,11 @@ class ActorPool:
             yield from (status for status in finished if status is not None)
             if not self.running and not self.idle and self.queue and not self.recovering and not self.starting:
                 raise WorkersCannotStartError("every Ray worker died and none could be restarted")
-            self._kill_stalled()
-            tick()
+            if time.monotonic() - ticked_at >= poll_s:
+                self._kill_stalled()
+                tick()
+                ticked_at = time.monotonic()
+        tick()  # the last completions shown
 
     def _dispatch(self) -> None:
         while self.queue and self.idle:
@@ -178,7 +184,7 @@ class ActorPool:
         stopped process) is killed, and its video retried like a crash."""
         if self.stall_timeout_s is None or not self.running:
             return
-        ages = self.backend.progress_ages()
+        ages = self.backend.progress_ages([call.task.key for call in self.running.values()])
         now = time.monotonic()
         for ref, call in self.running.items():
             age = min(ages.get(call.task.key, float("inf")), now - self.started_at[ref])
