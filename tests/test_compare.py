@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 
 from job.compare import per_class_table, runs_table
-from job.output import OutputDir, detections_frame
+from job.output import OutputDir
+from job.parts import detections_frame
 from job.track import write_track_summary
 
 
@@ -19,7 +20,7 @@ def make_run(directory, threshold, labels):
     rows = detections_frame(range(n), [0.04 * i for i in range(n)], [np.array([[1, 2, 3, 4]], dtype=np.float32)] * n,
                             [np.array([0.9], dtype=np.float32)] * n, [np.array([label]) for label in labels],
                             ["person", "car"])
-    out.commit_part("v-1", 0, n, rows, "zstd")
+    out.parts.commit("v-1", 0, n, rows, "zstd")
     out.write_manifest({"settings": {"model": "m", "score_threshold": threshold, "frame_stride": 1},
                         "totals": {"videos": 1, "frames": n, "detections": n, "processing_seconds": 2.0}})
 
@@ -40,7 +41,7 @@ def test_runs_get_short_labels_and_a_failed_run_is_listed(tmp_path):
 def test_distinct_objects_per_class_stand_beside_detections_for_a_tracked_run(tmp_path):
     make_run(tmp_path / "tracked", 0.3, [1, 1, 2])
     out = OutputDir(tmp_path / "tracked")
-    tracked = out.video_detections("v-1").with_columns(pl.Series("track_id", [7, None, 8], dtype=pl.Int64))
+    tracked = out.parts.read("v-1").with_columns(pl.Series("track_id", [7, None, 8], dtype=pl.Int64))
     out.write_tracks("v-1", tracked, {})
     write_track_summary(out)
     make_run(tmp_path / "untracked", 0.5, [1])

@@ -170,7 +170,7 @@ def test_a_video_that_cannot_be_fetched_is_a_retryable_failure_and_only_that(s3,
     row = process_task(Task(gone), for_device(cfg, "cpu"), OutputDir(cfg.output_dir), detector)
     assert (row.status, row.retryable) == ("failed", True)
     assert row.error.startswith("cannot fetch the video:") and "gone.mp4" in row.error
-    assert OutputDir(tmp_path / "out").read_status(gone.video_id) == row
+    assert OutputDir(tmp_path / "out").statuses.read(gone.video_id) == row
 
 
 @pytest.mark.slow

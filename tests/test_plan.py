@@ -62,15 +62,15 @@ def test_plan_skips_final_statuses_and_retries_retryable_ones(tmp_path, make_cfg
     first = plan_of(cfg, output)
     assert sorted(v.relative_path for v in first.todo) == ["a.mp4", "b.mp4", "c.mp4"] and not first.finished
     a, b, c = first.videos
-    output.write_status(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok",
+    output.statuses.write(VideoStatus(video_id=a.video_id, path=a.relative_path, status="ok",
                                     fingerprint=fingerprint(a.path)))
-    output.write_status(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True,
+    output.statuses.write(VideoStatus(video_id=b.video_id, path=b.relative_path, retryable=True,
                                     fingerprint=fingerprint(b.path)))
     again = plan_of(cfg, output)
     assert sorted(v.relative_path for v in again.todo) == ["b.mp4", "c.mp4"]
     assert list(again.finished) == [a.video_id]
     # A finished video whose file was replaced is done again; so is a failed one (e.g. copied in since).
-    output.write_status(VideoStatus(video_id=c.video_id, path=c.relative_path, fingerprint=fingerprint(c.path)))
+    output.statuses.write(VideoStatus(video_id=c.video_id, path=c.relative_path, fingerprint=fingerprint(c.path)))
     write_video(tmp_path / "in" / "a.mp4", 3, size=(64, 48))
     with open(tmp_path / "in" / "c.mp4", "ab") as grown:
         grown.write(b"the rest of a file still being copied")
@@ -88,7 +88,7 @@ def test_the_longest_videos_are_queued_first(tmp_path, make_cfg):
 def test_plan_refuses_other_detection_settings(tmp_path, make_cfg):
     write_video(tmp_path / "in" / "a.mp4", 2, size=(64, 48))
     plan = plan_of(make_cfg(tmp_path / "in"), OutputDir(tmp_path / "out"))
-    OutputDir(tmp_path / "out").write_status(VideoStatus(video_id=plan.videos[0].video_id, path="a.mp4"))
+    OutputDir(tmp_path / "out").statuses.write(VideoStatus(video_id=plan.videos[0].video_id, path="a.mp4"))
     with pytest.raises(SettingsMismatchError, match="frame_stride: stored 1, now 2"):
         plan_of(make_cfg(tmp_path / "in", "frame_stride=2"), OutputDir(tmp_path / "out"))
 
@@ -105,7 +105,7 @@ def test_a_directory_with_someone_elses_files_is_refused_and_left_alone(tmp_path
 
 
 def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, make_cfg):
-    from job.output import detections_frame
+    from job.parts import detections_frame
 
     for name in ("a.mp4", "b.mp4"):
         write_video(tmp_path / "in" / name, 2, size=(64, 48))
@@ -113,11 +113,11 @@ def test_videos_whose_files_are_gone_are_kept_as_missing_or_pruned(tmp_path, mak
     output = OutputDir(cfg.output_dir)
     a, b = plan_of(cfg, output).videos
     for video in (a, b):  # a finished video, and b: started (one part) but never finished
-        output.resume_point(video.video_id, fingerprint(video.path), video.relative_path)
-        output.commit_part(video.video_id, 0, 1, detections_frame([0], [0.0], [np.zeros((1, 4), np.float32)],
+        output.parts.resume_point(video.video_id, fingerprint(video.path), video.relative_path)
+        output.parts.commit(video.video_id, 0, 1, detections_frame([0], [0.0], [np.zeros((1, 4), np.float32)],
                                                                    [np.ones(1, np.float32)], [np.ones(1, int)], ["x"]),
                            "zstd")
-    output.write_status(VideoStatus(video_id=a.video_id, path="a.mp4", status="ok", detections=1,
+    output.statuses.write(VideoStatus(video_id=a.video_id, path="a.mp4", status="ok", detections=1,
                                     fingerprint=fingerprint(a.path)))
     (tmp_path / "in" / "a.mp4").rename(tmp_path / "in" / "renamed.mp4")
     (tmp_path / "in" / "b.mp4").unlink()
@@ -164,7 +164,7 @@ def test_one_writer_per_output_dir(tmp_path, make_cfg, caplog):
 
 
 def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containers_record_them(tmp_path, make_cfg):
-    from job.output import detections_frame
+    from job.parts import detections_frame
     from job.plan import estimate_work
 
     def frames_to_detect(videos, stride, output):
@@ -179,7 +179,7 @@ def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containe
     assert frames_to_detect(plan.todo, 1, output) == 17
     assert frames_to_detect(plan.todo, 3, output) == 4 + 3
     started = next(v for v in plan.videos if v.relative_path == "a.mp4")
-    output.commit_part(started.video_id, 0, 4, detections_frame([], [], [], [], [], []), "zstd")
+    output.parts.commit(started.video_id, 0, 4, detections_frame([], [], [], [], [], []), "zstd")
     assert frames_to_detect(plan.todo, 1, output) == 7  # a resumed video's remainder comes from its worker
     # Units: each video one, and a long one its segments (b: 7 frames in segments of 3 = two units).
     assert estimate_work(plan.todo, 1, 3, output).units == 3 + 1

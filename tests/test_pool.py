@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import pytest
 
@@ -17,12 +18,15 @@ from job.status import VideoStatus
 class FakeBackend:
     """Calls complete in submission order, one per wait; `script` says what a video's n-th attempt does."""
 
-    def __init__(self, script=None, restarts=True, starts_after=None, cannot_start=()):
+    def __init__(self, script=None, restarts=True, starts_after=None, cannot_start=(), one_at_a_time=False):
         self.script = script or {}  # (video_id, attempt) -> "die" | "bug"
         self.restarts = restarts
         self.starts_after = starts_after or {}  # actor -> calls completed before it answers its first ping
         self.cannot_start = set(cannot_start)  # actors whose first ping fails as their constructor did
         self.completed = 0
+        self.submitted_at: dict[int, float] = {}
+        self.reporting: set[str] = set()  # task keys whose workers report progress (a "slow" one, running)
+        self.one_at_a_time = one_at_a_time  # an actor's calls run in turn: a later one waits for the earlier
         self.ids = itertools.count()
         self.calls: dict[int, tuple] = {}
         self.log: list[tuple[str, int, str]] = []  # (video_id, attempt, actor)
@@ -33,6 +37,7 @@ class FakeBackend:
         ref = next(self.ids)
         self.submitted.append(task)
         self.calls[ref] = ("process", actor, task, attempt)
+        self.submitted_at[ref] = time.monotonic()
         self.log.append((task.key, attempt, actor))
         return ref
 
@@ -46,12 +51,19 @@ class FakeBackend:
             kind, actor, task, attempt = self.calls[ref]
             if kind == "ping":
                 return self.completed < self.starts_after.get(actor, 0)
+            if self.one_at_a_time and any(other < ref and self.calls[other][:2] == ("process", actor)
+                                          for other in self.calls):
+                return True
+            if kind == "process" and self.script.get((task.key, attempt)) == "slow":  # 0.5 s, reporting progress
+                self.reporting.add(task.key)
+                return time.monotonic() < self.submitted_at[ref] + 0.5 and actor not in self.killed
             return kind == "process" and self.script.get((task.key, attempt)) == "hang" and actor not in self.killed
 
         return sorted(ref for ref in refs if not hung(ref))[:1]
 
     def progress_ages(self, keys):
-        return {}  # no worker ever reports: the pool goes by how long each video has been running
+        # Only "slow" tasks report; for the others the pool goes by how long each has been running.
+        return {key: 0.0 for key in keys if key in self.reporting}
 
     def kill(self, actor):
         self.killed.add(actor)
@@ -114,6 +126,29 @@ def test_a_worker_that_cannot_start_is_left_out_and_the_others_do_the_work(caplo
     assert "a worker could not start, going on without it: WorkersCannotStartError: CUDA out of memory" in caplog.text
     with pytest.raises(WorkersCannotStartError, match="every Ray worker died"):
         run(ActorPool(["b"], FakeBackend(cannot_start={"b"}), 3, lambda s: None, starting={0}), videos(1))
+
+
+def test_each_actor_holds_its_next_task_so_it_never_waits_for_the_driver():
+    backend = FakeBackend()
+    handed_out_before_the_first_result = []
+    result = backend.result
+    backend.result = lambda ref: handed_out_before_the_first_result.append(len(backend.log)) or result(ref)
+    pool = ActorPool(["a", "b"], backend, 3, lambda s: None, ahead=1)
+    statuses = run(pool, videos(7))
+    assert len(statuses) == 7 and all(s.status == "ok" for s in statuses.values())
+    assert handed_out_before_the_first_result[0] == 4  # two each: one running, the next waiting on the actor
+    assert sorted(actor for _, _, actor in backend.log[:4]) == ["a", "a", "b", "b"]
+
+
+@pytest.mark.timeout(20)  # taken for stalled, it would be killed and retried over and over
+def test_a_task_waiting_behind_a_long_one_is_not_taken_for_stalled():
+    """Its stall clock starts when its actor's running task ends, not when it was handed out."""
+    backend = FakeBackend({("v0-000", 1): "slow"}, one_at_a_time=True)
+    pool = ActorPool(["a"], backend, 3, lambda s: None, ahead=1, stall_timeout_s=0.2)
+    statuses = run(pool, videos(2))
+    assert backend.killed == set() and [(key, attempt) for key, attempt, _ in backend.log] == [
+        ("v0-000", 1), ("v1-000", 1)]
+    assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values())
 
 
 def test_a_video_whose_actor_died_is_retried_and_the_actor_comes_back():
@@ -263,3 +298,14 @@ def test_a_video_that_kills_a_shared_actor_is_given_up_without_costing_its_neigh
     assert retried[0][1] == 1 and all(not beside for _, _, beside in retried[1:]), retried
     assert [attempt for _, attempt, _ in retried[1:]] == [1, 2]
     assert recorded == [bad]
+
+
+def test_a_task_waiting_on_an_actor_that_dies_is_no_suspect_and_loses_no_attempt():
+    """One stream and one task waiting behind it: the death is the running task's alone."""
+    always = {("v0-000", attempt): "die" for attempt in range(1, 5)}
+    backend, recorded = StreamsBackend(always), []
+    statuses = run(ActorPool(["cpu"], backend, 2, recorded.append, ahead=1), videos(3))
+    bad = statuses.pop("v0-000")
+    assert bad.status == "failed" and bad.attempts == 2 and "died on this video 2 times" in bad.error
+    assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values()), statuses
+    assert [attempt for key, attempt, _ in backend.company if key == "v0-000"] == [1, 2]  # never retried alone

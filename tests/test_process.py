@@ -52,7 +52,7 @@ def test_stride_processes_every_nth_frame(tmp_path, make_cfg, detector, stride):
     table = predictions(cfg.output_dir)
     assert table.height == row.detections > 0
     assert set(table["frame_index"].unique()) <= set(range(0, 23, stride))
-    assert OutputDir(tmp_path / "out").read_status(row.video_id) == row
+    assert OutputDir(tmp_path / "out").statuses.read(row.video_id) == row
 
 
 def test_resume_from_committed_parts_equals_a_clean_run(tmp_path, make_cfg, detector):
@@ -68,7 +68,7 @@ def test_resume_from_committed_parts_equals_a_clean_run(tmp_path, make_cfg, dete
     assert len(parts) == 5
     for part in parts[2:]:
         part.unlink()
-    assert OutputDir(tmp_path / "resumed").committed_end(video.video_id) == 16
+    assert OutputDir(tmp_path / "resumed").parts.committed_end(video.video_id) == 16
     calls = []
     row = process(video, resumed, detector, on_progress=lambda done, expected: calls.append(done))
     assert sum(calls) == 40 - 16  # only the uncommitted frames were detected again
@@ -88,7 +88,7 @@ def test_truncated_video_is_partial_with_frames_before_the_damage(tmp_path, make
     assert "truncated" in row.error
     assert 0 < row.frame_count < 100
     # Every decodable frame was detected and committed, none past the damage.
-    assert OutputDir(tmp_path / "out").committed_end(row.video_id) == row.frame_count
+    assert OutputDir(tmp_path / "out").parts.committed_end(row.video_id) == row.frame_count
     assert row.frames_processed == row.frame_count
 
 
@@ -229,7 +229,7 @@ def test_a_clip_cut_without_reencoding_is_ok_not_partial(tmp_path, make_cfg, det
     cut_without_reencoding(source, tmp_path / "in" / "clip.mp4", keyframe=20, cut=23)
     row = process(only_video(tmp_path / "in"), make_cfg(tmp_path / "in"), detector)
     assert (row.status, row.error, row.frame_count, row.frames_processed) == ("ok", None, 37, 37)
-    assert OutputDir(tmp_path / "out").committed_end(row.video_id) == 37
+    assert OutputDir(tmp_path / "out").parts.committed_end(row.video_id) == 37
 
 
 def test_damaged_data_mid_file_is_partial_with_the_frames_after_it_detected(tmp_path, make_cfg, detector):
@@ -239,7 +239,7 @@ def test_damaged_data_mid_file_is_partial_with_the_frames_after_it_detected(tmp_
     row = process(only_video(tmp_path / "in"), make_cfg(tmp_path / "in"), detector)
     assert row.status == "partial" and "could not be decoded (damaged data)" in row.error
     assert 150 < row.frame_count == row.frames_processed < 200
-    assert OutputDir(tmp_path / "out").committed_end(row.video_id) == 200  # detected to the last frame
+    assert OutputDir(tmp_path / "out").parts.committed_end(row.video_id) == 200  # detected to the last frame
 
 
 def test_a_whole_video_task_is_cut_as_the_pool_sized_it(tmp_path, make_cfg, detector):

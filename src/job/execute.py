@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -126,13 +127,19 @@ class ProgressCounter:
         return {key: now - self.last_progress[key] for key in keys if key in self.last_progress}
 
 
+# Tasks an actor holds beyond its streams: the next one starts without waiting for the driver's round trip
+# (benchmarks/scale.md); more would only make the pool's picture of who is doing what staler.
+TASKS_AHEAD = 1
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class VideoWorker:
     """Holds one loaded model and the output store; processes one video or segment per call, several
-    calls at once (its decode streams, in threads of Ray's) sharing the model."""
+    calls at once (its decode streams, in threads of Ray's) sharing the model, and one more call waiting
+    for a stream (`TASKS_AHEAD`)."""
 
-    def __init__(self, cfg: JobConfig, progress_actor: str, threads: int, run_id: str) -> None:
-        """`threads`: the CPUs each of its decode streams may use."""
+    def __init__(self, cfg: JobConfig, progress_actor: str, threads: int, run_id: str, streams: int = 1) -> None:
+        """`threads`: the CPUs each of its `streams` decode streams may use."""
         import torch
 
         from job.config import for_device
@@ -141,6 +148,7 @@ class VideoWorker:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         torch.set_num_threads(CPU_INFERENCE_THREADS)  # the model is built as it will run (CPU unless CUDA)
         self.threads = threads  # each stream's decoder's
+        self.free_streams = threading.BoundedSemaphore(streams)  # a call beyond them waits here, delivered
         # Looked up by name: a handle argument would live in the object store, which restarts need intact.
         self.progress = ray.get_actor(progress_actor)
         # What the user must fix (weights, device, plug-in) is reported by `ready`, not raised here:
@@ -176,12 +184,13 @@ class VideoWorker:
     def process(self, task: Task, attempts: int) -> VideoStatus | Split:
         from job.process import process_task
 
-        report = BatchedProgress(self.progress, video_id=task.key)  # its stall clock starts at its hand-out
-        try:
-            return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache,
-                                decode_threads=self.threads)
-        finally:
-            report.flush()
+        with self.free_streams:
+            report = BatchedProgress(self.progress, video_id=task.key)  # the pool starts its stall clock
+            try:
+                return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache,
+                                    decode_threads=self.threads)
+            finally:
+                report.flush()
 
     def close(self) -> None:
         """The run is over: drop this node's copies of object-store videos."""
@@ -277,8 +286,9 @@ class ActorRun:
         actors = [
             # A stream per concurrent call, and one more so that a health check or `close` is never queued.
             VideoWorker.options(num_cpus=layout.cpus_each, num_gpus=layout.gpus_each,
-                                runtime_env=runtime.actor_runtime_env, max_concurrency=layout.streams + 1)
-            .remote(cfg, progress_name, layout.decode_threads, run_id)
+                                runtime_env=runtime.actor_runtime_env,
+                                max_concurrency=layout.streams + TASKS_AHEAD + 1)
+            .remote(cfg, progress_name, layout.decode_threads, run_id, layout.streams)
             for _ in range(layout.count)
         ]
         bar: tqdm | None = None  # shown once the model has loaded: a model that cannot load is one line, no bar
@@ -305,8 +315,8 @@ class ActorRun:
             bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
                        mininterval=1.0)
             ready_at = time.monotonic()
-            pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.write_status,
-                             stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams,
+            pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.statuses.write,
+                             stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams, ahead=TASKS_AHEAD,
                              starting=set(range(len(actors))) - ready,
                              sizer=TailSizer(self.work.frames_by_video, cfg.ray.segment_frames,
                                              layout.count * layout.streams))

@@ -63,7 +63,7 @@ def summarize(output_dir: str, videos: list[Video], statuses: dict[str, VideoSta
 
 def write_tables(output: OutputDir, plan: Plan, statuses: dict[str, VideoStatus], summary: RunSummary,
                  started_at: datetime, ray_job_id: str | None) -> None:
-    output.write_status_index(statuses)
+    output.statuses.write_index(statuses)
     output.write_videos_table([statuses[v.video_id] for v in plan.videos] + plan.missing)
     output.write_manifest(manifest(plan, started_at, summary, ray_job_id))
 

@@ -71,7 +71,7 @@ def _plan_under_lease(cfg: JobConfig, output: OutputDir, videos: list[Video], le
     log.info("found %d videos under %s", len(videos), cfg.video_dir)
     finished: dict[str, VideoStatus] = {}
     todo: list[Video] = []
-    recorded = output.read_statuses([video.video_id for video in videos])
+    recorded = output.statuses.read_many([video.video_id for video in videos])
     for video in videos:
         previous = recorded.get(video.video_id)
         if previous is not None and not previous.retryable and not _changed(video, previous):

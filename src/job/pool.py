@@ -55,19 +55,22 @@ class Sizer:
 
 @dataclass(frozen=True)
 class _Call:
-    """A task in flight: on which actor, in which of its lives, holding how many of its streams."""
+    """A task in flight: on which actor, in which of its lives, holding how many of its slots."""
 
     task: Task
     actor: int  # index into ActorPool.actors
     life: int
-    streams: int  # 1, or all of the actor's for a task retried alone
+    slots: int  # 1, or all of the actor's for a task retried alone
 
 
 class ActorPool:
     """Hands each task (a video, or a segment of a long one) to a free actor; a task whose actor died
     goes back in the queue.
 
-    An actor runs up to `streams` tasks at once (a GPU actor's decode streams, all feeding its one model).
+    An actor runs up to `streams` tasks at once (a GPU actor's decode streams, all feeding its one model),
+    and holds `ahead` more waiting to start, so that it goes from one task to the next without waiting for
+    the driver's round trip (a few ms: more than a tiny clip's own work). A waiting task's stall clock
+    starts when a task of its actor ends.
     When an actor dies with several tasks in flight, nobody knows which one killed it: each is retried
     alone on an actor with nothing else running, and only a death while alone counts as an attempt, so a
     file that crashes its decoder is given up without taking its neighbours' attempts with it.
@@ -83,19 +86,21 @@ class ActorPool:
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
                  record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
                  stall_timeout_s: float | None = None, sizer: Sizer | None = None, streams: int = 1,
-                 starting: set[int] | None = None) -> None:
+                 starting: set[int] | None = None, ahead: int = 0) -> None:
         """`starting`: indices of actors still loading their model; each takes work once it answers a
         health check, so the others need not wait for the slowest to start."""
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
         self.actors, self.streams = list(actors), streams
+        self.slots = streams + ahead  # tasks an actor holds: running, or waiting for one of its streams
+        self.waiting: set[Ref] = set()  # handed out, waiting on their actor for a stream
         self.sizer = sizer or Sizer()
         self.stall_timeout_s = stall_timeout_s
         self.started_at: dict[Ref, float] = {}
         self.killed: set[Ref] = set()
         self.max_pings, self.ping_interval_s = max_pings, ping_interval_s
-        # One entry per free stream: actor i is here as many times as it could take tasks now.
+        # One entry per free slot: actor i is here as many times as it could take tasks now.
         starting = starting or set()
-        self.idle: list[int] = [i for _ in range(streams) for i in range(len(self.actors)) if i not in starting]
+        self.idle: list[int] = [i for _ in range(self.slots) for i in range(len(self.actors)) if i not in starting]
         self.running: dict[Ref, _Call] = {}
         self.recovering: dict[Ref, tuple[int, int]] = {}  # health-check ref -> (actor being restarted, pings)
         self.starting: dict[Ref, int] = {self.backend.ping(self.actors[i]): i for i in sorted(starting)}
@@ -137,7 +142,7 @@ class ActorPool:
         while self.queue and self.idle:
             alone = self.queue[-1].key in self.alone
             if alone:  # waits for an actor with every stream free; the others take nothing new meanwhile
-                free = [i for i in set(self.idle) if self.idle.count(i) == self.streams]
+                free = [i for i in set(self.idle) if self.idle.count(i) == self.slots]
                 if not free:
                     return
                 actor = free[0]
@@ -151,7 +156,9 @@ class ActorPool:
                                        [(c.task, now - self.started_at[ref]) for ref, c in self.running.items()])
             self.attempts[task.key] = self.attempts.get(task.key, 0) + 1
             ref = self.backend.submit(self.actors[actor], task, self.attempts[task.key])
-            self.running[ref] = _Call(task, actor, self.lives[actor], self.streams if alone else 1)
+            if sum(1 for r, c in self.running.items() if c.actor == actor and r not in self.waiting) >= self.streams:
+                self.waiting.add(ref)
+            self.running[ref] = _Call(task, actor, self.lives[actor], self.slots if alone else 1)
             self.started_at[ref] = time.monotonic()
 
     def _started(self, ref: Ref) -> None:
@@ -164,13 +171,13 @@ class ActorPool:
         except CallFailed as exc:  # e.g. its GPU had no memory for the model: the others go on
             log.warning("a worker could not start, going on without it: %s", exc)
             return
-        self.idle.extend([actor] * self.streams)
+        self.idle.extend([actor] * self.slots)
 
     def _recovered(self, ref: Ref) -> None:
         actor, pings = self.recovering.pop(ref)
         try:
             self.backend.result(ref)
-            self.idle.extend([actor] * self.streams)
+            self.idle.extend([actor] * self.slots)
         except ActorDied as exc:
             if pings >= self.max_pings:
                 log.warning("a worker did not come back after %d health checks, going on without it: %s",
@@ -187,6 +194,8 @@ class ActorPool:
         ages = self.backend.progress_ages([call.task.key for call in self.running.values()])
         now = time.monotonic()
         for ref, call in self.running.items():
+            if ref in self.waiting:
+                continue
             age = min(ages.get(call.task.key, float("inf")), now - self.started_at[ref])
             if age > self.stall_timeout_s and ref not in self.killed:
                 log.warning("%s: no progress for %.0f s (ray.stall_timeout_s=%g): killing its worker and "
@@ -198,24 +207,32 @@ class ActorPool:
         call = self.running.pop(ref)
         task, actor = call.task, call.actor
         self.started_at.pop(ref, None)
+        never_started = ref in self.waiting
+        self.waiting.discard(ref)
         stalled = ref in self.killed
         self.killed.discard(ref)
         tries = self.attempts[task.key]
         try:
             result = self.backend.result(ref)
         except CallFailed as exc:
-            self.idle.extend([actor] * call.streams)  # the actor is fine: record the video as failed and go on
+            self.idle.extend([actor] * call.slots)  # the actor is fine: record the video as failed and go on
+            self._start_next_waiting(actor)
             return self._give_up(task, tries, f"internal error: {exc}")
         except ActorDied as exc:
             cause = str(exc)
             if stalled:
                 cause = f"it made no progress for ray.stall_timeout_s={self.stall_timeout_s:g} s (a hung read or decoder)"
             if call.life == self.lives[actor]:  # the first of its calls to come back dead: restart it
-                self.died_with[actor, call.life] = 1 + sum(
-                    1 for other in self.running.values() if other.actor == actor and other.life == call.life)
+                self.died_with[actor, call.life] = (not never_started) + sum(
+                    1 for other_ref, other in self.running.items()
+                    if other.actor == actor and other.life == call.life and other_ref not in self.waiting)
                 self.lives[actor] += 1
                 self.idle = [i for i in self.idle if i != actor]
                 self.recovering[self.backend.ping(self.actors[actor])] = (actor, 1)
+            if never_started:  # it was waiting on the actor: not a suspect, and not an attempt
+                self.attempts[task.key] -= 1
+                self.queue.append(task)
+                return None
             if self.died_with[actor, call.life] > 1:  # in company: this one may not be the cause
                 log.warning("worker died running %s and %d other tasks, retrying it alone: %s", task.describe(),
                             self.died_with[actor, call.life] - 1, cause)
@@ -230,7 +247,8 @@ class ActorPool:
             return self._give_up(task, tries, (
                 f"the worker process died on this video {tries} times: it crashed (e.g. a segfault in a native "
                 f"decoder: its stack is in the run's log), was killed or ran out of memory; last: {cause}"))
-        self.idle.extend([actor] * call.streams)
+        self.idle.extend([actor] * call.slots)
+        self._start_next_waiting(actor)
         if isinstance(result, VideoStatus):
             self.sizer.done(result)
         if isinstance(result, Split):
@@ -240,6 +258,14 @@ class ActorPool:
             self.queue.extend(reversed(segments))  # next out of the queue, so every free actor takes one
             return None
         return self._done(task, result)
+
+    def _start_next_waiting(self, actor: int) -> None:
+        """A stream of `actor` is free: its oldest waiting task starts now (its stall clock with it)."""
+        for ref, call in self.running.items():  # in hand-out order
+            if call.actor == actor and ref in self.waiting:
+                self.waiting.discard(ref)
+                self.started_at[ref] = time.monotonic()
+                return
 
     def _done(self, task: Task, status: VideoStatus) -> VideoStatus | None:
         """A video's final status: the task's own, or, after a split video's last segment, their merge."""

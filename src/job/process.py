@@ -29,7 +29,8 @@ from job.decode import (
 )
 from job.detect import Detector
 from job.errors import FetchError, OutputWriteError
-from job.output import OutputDir, detections_frame
+from job.output import OutputDir
+from job.parts import detections_frame
 from job.prefetch import prefetch
 from job.segments import Split, Task, cut_points, snap_cuts
 from job.status import VideoStatus
@@ -67,7 +68,7 @@ def _process_segment(task: Task, settings: JobConfig, output: OutputDir, detecto
                     cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus:
     """Runs the frames [task.start, task.end) of a split video, resuming after its committed parts;
     its status is recorded as the segment's (the driver merges a video's segments into its row)."""
-    done = output.read_segment_status(task.video.video_id, task.start)
+    done = output.statuses.read_segment(task.video.video_id, task.start)
     if done is not None:  # finished by an earlier run
         done.frames_this_run = 0
         return done
@@ -122,10 +123,10 @@ def _process_local(
     status.duration_s, status.codec, status.rotation = info.duration_s, info.codec, info.rotation
 
     if task.is_segment:
-        first, start = task.start, output.committed_end(video.video_id, task.start, task.end)
+        first, start = task.start, output.parts.committed_end(video.video_id, task.start, task.end)
         expected = task.end - task.start
     else:
-        resume = output.resume_point(video.video_id, content, video.relative_path)
+        resume = output.parts.resume_point(video.video_id, content, video.relative_path)
         first, start = 0, resume.frame
         split = _split(task, info, settings.ray.segment_frames, output, start, resume.split)
         if split is not None:
@@ -196,7 +197,7 @@ def _split(task: Task, info: VideoInfo, segment_frames: int | None, output: Outp
         return None
     if len(bounds) <= 2:
         return None
-    output.record_split(video.video_id, bounds)
+    output.parts.record_split(video.video_id, bounds)
     return Split(video, tuple(bounds))
 
 
@@ -222,7 +223,7 @@ class _PartCommitter:
         self.end = start  # frames [first, end) are committed (first: 0, or a segment's first frame)
         self.frames_processed = _wanted_before(start, frame_stride) - _wanted_before(first, frame_stride)
         # Rows in committed parts: an earlier run's, read from their footers once, plus ours.
-        self.detections = output.count_detections(video_id, first, last) if start > first else 0
+        self.detections = output.parts.count(video_id, first, last) if start > first else 0
         # Indices, timestamps and detections only: holding the frames would cost a part's worth of pixels.
         self._pending: list[tuple[np.ndarray, np.ndarray, list]] = []
 
@@ -246,7 +247,7 @@ class _PartCommitter:
             self.class_names,
         )
         end = int(indices[-1]) + 1
-        self.output.commit_part(self.video_id, self.end, end, rows, self.compression)
+        self.output.parts.commit(self.video_id, self.end, end, rows, self.compression)
         self.end = end
         self.detections += rows.height
         self._pending = []
@@ -273,7 +274,7 @@ def _missing_frames(info: VideoInfo, frame_count: int) -> str | None:
 def _finish(output: OutputDir, status: VideoStatus, started: float, task: Task) -> VideoStatus:
     status.seconds = round(time.monotonic() - started, 3)
     if task.is_segment:
-        output.write_segment_status(status)  # a split video's row is written when all its segments are done
+        output.statuses.write_segment(status)  # a split video's row is written when all its segments are done
     else:
-        output.write_status(status)
+        output.statuses.write(status)
     return status

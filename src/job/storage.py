@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pyarrow.fs as pafs
 
@@ -27,6 +29,17 @@ TMP_DIR = "_state/tmp"
 # are retried this many times in all, with the AWS SDK's exponential backoff and jitter (pyarrow's and
 # boto3's "standard" mode): bounded, so a store that is really down still stops the run.
 STORE_ATTEMPTS = 10
+
+
+def json_bytes(data: Any) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+
+
+def parquet_bytes(frame: Any, **options: Any) -> bytes:
+    """A polars DataFrame as Parquet bytes, for one `put`."""
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, **options)
+    return buffer.getvalue()
 
 
 def is_uri(location: str | os.PathLike) -> bool:

@@ -23,8 +23,9 @@ import polars as pl
 from job.config import TrackerConfig
 from job.errors import ConfigError
 from job.layout import TRACK_SUMMARY, TRACKS
-from job.output import OutputDir, parquet_bytes
+from job.output import OutputDir
 from job.status import VideoStatus
+from job.storage import parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def update_tracks(output: OutputDir, tracker: TrackerConfig, videos: Iterable[Tr
             if video not in todo:
                 output.remove_tracks(video.video_id)
         for video in tqdm(todo, desc="tracking", unit="video", disable=not todo, dynamic_ncols=True):
-            rows = output.video_detections(video.video_id)
+            rows = output.parts.read(video.video_id)
             indices, times = frames_to_feed(video.path if video.status.status != "missing" else None,
                                              video.status, frame_stride, rows)
             tracked = track_ids(rows, indices, times, new_tracker(tracker, video.status.fps))

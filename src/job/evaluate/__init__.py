@@ -28,7 +28,8 @@ from job.layout import (
     VIDEOS_TABLE,
     tracks_file,
 )
-from job.output import OutputDir, json_bytes, parquet_bytes
+from job.output import OutputDir
+from job.storage import json_bytes, parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def evaluate_run(output: OutputDir, settings: EvaluationConfig) -> Evaluation:
                           pl.read_parquet(tracking_bytes) if tracking_bytes is not None else None,
                           json.loads(previous))
     truth_boxes, frames = _mapped(truth, matched, settings)
-    detections = pl.concat([output.video_detections(video_id).with_columns(video_id=pl.lit(video_id))
+    detections = pl.concat([output.parts.read(video_id).with_columns(video_id=pl.lit(video_id))
                             for video_id in matched.values()], how="diagonal_relaxed")
     detections = detections.join(frames, on=["video_id", "frame_index"], how="semi")  # annotated frames only
     classes = sorted(set(truth_boxes.filter(~pl.col("ignore"))["class_name"]))

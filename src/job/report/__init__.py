@@ -58,7 +58,7 @@ def make_report(cfg: ReportConfig) -> str:
         if not row["detections"]:
             entry.note = "no detections" if row["status"] != "failed" else "failed: see error"
             continue
-        rows = _selected(output.video_detections(row["video_id"]), cfg)
+        rows = _selected(output.parts.read(row["video_id"]), cfg)
         per_class.append(rows.group_by("class_name").len("detections"))
         if rows.height == 0:
             entry.note = "no detections at this min_score / these classes"
