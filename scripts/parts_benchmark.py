@@ -1,6 +1,7 @@
 """How readers cope with many small parts: the same detections as N parts, or compacted into fewer files.
 
-    python scripts/parts_benchmark.py --rows 1000000 --files 100000 1000 100 --out benchmarks/parts.md
+    pip install -e ".[bench]"   # Ray Data needs pandas
+    python scripts/parts_benchmark.py --rows 1000000 --files 100000 10000 1000 --out benchmarks/parts.md
 
 Writes the output layout's `predictions/video_id=<id>/part-*.parquet` tree on local disk, the same rows
 each time, split into each number of files (one video per file at the most files, as a bucket of tiny clips

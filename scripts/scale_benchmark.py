@@ -108,7 +108,7 @@ def main() -> None:
                      f"{'' if requests is None else f'{requests:.2f}'} | {files:.2f} |")
     for run, counts in kinds.items():
         lines += ["", f"Requests of the {run}, by kind (per video):", "", "| request | per video |", "| --- | --- |"]
-        lines += [f"| `{kind}` | {count / args.videos:.2f} |" for kind, count in counts.most_common()]
+        lines += [f"| `{kind}` | {count / args.videos:.3f} |" for kind, count in counts.most_common()]
     lines.append("")
     publish(lines, args.out)
 
