@@ -127,9 +127,10 @@ class ProgressCounter:
         return {key: now - self.last_progress[key] for key in keys if key in self.last_progress}
 
 
-# Tasks an actor holds beyond its streams: the next one starts without waiting for the driver's round trip
-# (benchmarks/scale.md); more would only make the pool's picture of who is doing what staler.
-TASKS_AHEAD = 1
+# Tasks an actor holds beyond its streams, so the next starts without the driver's round trip (benchmarks/
+# scale.md). Off: the pool's dispatch then gave one actor the waiting segments of a split video while
+# another stood idle (caught by CI); it must first prefer actors with a free stream.
+TASKS_AHEAD = 0
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -309,8 +310,7 @@ class ActorRun:
 
         try:
             ready, device, model = _wait_for_the_first(actors)
-            log.info("%d of %d actors ready on %s; the others take work as each is ready", len(ready),
-                     len(actors), device)
+            log.info("%d of %d actors ready on %s", len(ready), len(actors), device)
             self.on_model_loaded(model)
             bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
                        mininterval=1.0)
@@ -339,7 +339,10 @@ def _wait_for_the_first(actors: list[Any]) -> tuple[set[int], str, ModelConfig]:
     a failure per video; the pool gives the others work as each answers."""
     pending = {actor.ready.remote(): i for i, actor in enumerate(actors)}
     first, _ = ray.wait(list(pending), num_returns=1)
-    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+    # All of them, for now: with one long video, the first actor ready split it and ran every segment
+    # before the second had loaded its model (caught by CI). `ActorPool(starting=)` is ready for the day
+    # the pool hands segments to actors as they join.
+    ready, _ = ray.wait(list(pending), num_returns=len(pending))
     try:
         device, model, error = ray.get(first[0])
     except RayActorError as exc:
