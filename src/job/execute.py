@@ -136,8 +136,8 @@ TASKS_AHEAD = 0
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class VideoWorker:
     """Holds one loaded model and the output store; processes one video or segment per call, several
-    calls at once (its decode streams, in threads of Ray's) sharing the model, and one more call waiting
-    for a stream (`TASKS_AHEAD`)."""
+    calls at once (its decode streams, in threads of Ray's) sharing the model; with `TASKS_AHEAD` more,
+    those wait for a stream."""
 
     def __init__(self, cfg: JobConfig, progress_actor: str, threads: int, run_id: str, streams: int = 1) -> None:
         """`threads`: the CPUs each of its `streams` decode streams may use."""
@@ -334,9 +334,9 @@ class ActorRun:
 
 
 def _wait_for_the_first(actors: list[Any]) -> tuple[set[int], str, ModelConfig]:
-    """(indices of the actors ready now, the first one's device and model settings) once one actor has
-    loaded its model. A model that cannot load (bad weights, no internet) is reported here once, not as
-    a failure per video; the pool gives the others work as each answers."""
+    """(indices of the actors ready, the first one's device and model settings) once every actor has
+    loaded its model (see below). A model that cannot load (bad weights, no internet) is reported here
+    once, from the first actor to answer, not as a failure per video."""
     pending = {actor.ready.remote(): i for i, actor in enumerate(actors)}
     first, _ = ray.wait(list(pending), num_returns=1)
     # All of them, for now: with one long video, the first actor ready split it and ran every segment
