@@ -65,6 +65,7 @@ def stop_inside_a_staged_write(process: subprocess.Popen, staging: Path, pattern
             os.read(fd, 65536)
             for worker in workers:
                 _signal(worker, signal.SIGSTOP)
+            _wait_until_stopped(workers)  # a signal lands asynchronously: the rename could still win meanwhile
             if any(staging.glob(pattern)):
                 return True
             for worker in workers:
@@ -87,6 +88,18 @@ def _ray_workers(process: subprocess.Popen) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return workers
+
+
+def _wait_until_stopped(workers: list[psutil.Process], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        while time.monotonic() < deadline:
+            try:
+                if worker.status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.0005)
 
 
 def _signal(worker: psutil.Process, signum: int) -> None:

@@ -184,3 +184,31 @@ def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containe
     # Units: each video one, and a long one its segments (b: 7 frames in segments of 3 = two units).
     assert estimate_work(plan.todo, 1, 3, output).units == 3 + 1
     assert estimate_work(plan.todo, 1, None, output).units == 3
+
+
+def test_the_headers_are_read_while_ray_starts_and_only_a_short_list_waits_for_them(tmp_path, make_cfg,
+                                                                                 monkeypatch):
+    import threading
+
+    from job import plan as plan_module
+    from job.plan import HeaderRead, estimate_work
+
+    for name, frames in (("a", 10), ("b", 7)):
+        write_video(tmp_path / "in" / f"{name}.mp4", frames, size=(64, 48))
+    (tmp_path / "in" / "bad.mp4").write_bytes(b"not a video")
+    cfg = make_cfg(tmp_path / "in")
+    output = OutputDir(cfg.output_dir)
+    todo = plan_of(cfg, output).todo
+    headers = HeaderRead(todo, 1, 3, output)
+    # Fewer videos than actors could run: waits for every header (a: 10 frames in segments of 3, 3 units; b 2).
+    assert headers.units(enough=8) == 3 + 2 + 1
+    assert headers.estimate == estimate_work(todo, 1, 3, output)
+    assert headers.estimate.frames == 17
+
+    release = threading.Event()
+    count = plan_module._count_header
+    monkeypatch.setattr(plan_module, "_count_header", lambda *args: release.wait(10) and count(*args))
+    headers = HeaderRead(todo, 1, 3, output)
+    assert headers.units(enough=3) == 3 and headers.estimate.frames == 0  # enough videos: no header awaited
+    release.set()
+    assert headers.units(enough=8) == 6 and headers.estimate.frames == 17

@@ -18,8 +18,10 @@ from job.status import VideoStatus
 class FakeBackend:
     """Calls complete in submission order, one per wait; `script` says what a video's n-th attempt does."""
 
-    def __init__(self, script=None, restarts=True, starts_after=None, cannot_start=(), one_at_a_time=False):
-        self.script = script or {}  # (video_id, attempt) -> "die" | "bug"
+    def __init__(self, script=None, restarts=True, starts_after=None, cannot_start=(), one_at_a_time=False,
+                 slow=()):
+        self.script = script or {}  # (video_id, attempt) -> "die" | "bug" | "slow" | "hang" | a Split
+        self.slow = set(slow)  # (video_id, attempt) that take 0.5 s, whatever they return
         self.restarts = restarts
         self.starts_after = starts_after or {}  # actor -> calls completed before it answers its first ping
         self.cannot_start = set(cannot_start)  # actors whose first ping fails as their constructor did
@@ -54,7 +56,8 @@ class FakeBackend:
             if self.one_at_a_time and any(other < ref and self.calls[other][:2] == ("process", actor)
                                           for other in self.calls):
                 return True
-            if kind == "process" and self.script.get((task.key, attempt)) == "slow":  # 0.5 s, reporting progress
+            if kind == "process" and (self.script.get((task.key, attempt)) == "slow"  # 0.5 s, reporting progress
+                                      or (task.key, attempt) in self.slow):
                 self.reporting.add(task.key)
                 return time.monotonic() < self.submitted_at[ref] + 0.5 and actor not in self.killed
             return kind == "process" and self.script.get((task.key, attempt)) == "hang" and actor not in self.killed
@@ -138,6 +141,49 @@ def test_each_actor_holds_its_next_task_so_it_never_waits_for_the_driver():
     assert len(statuses) == 7 and all(s.status == "ok" for s in statuses.values())
     assert handed_out_before_the_first_result[0] == 4  # two each: one running, the next waiting on the actor
     assert sorted(actor for _, _, actor in backend.log[:4]) == ["a", "a", "b", "b"]
+
+
+def recording_hand_outs(backend, actors):
+    """Wraps backend.submit: the list it returns gets, per hand-out, (tasks still queued, whether its
+    actor already had a call in flight, whether another actor had none)."""
+    handed = []
+    submit = backend.submit
+
+    def recording_submit(actor, task, attempt):
+        in_flight = {name: any(call[:2] == ("process", name) for call in backend.calls.values()) for name in actors}
+        handed.append((len(pool_of[0].queue), in_flight[actor],
+                       any(not busy for name, busy in in_flight.items() if name != actor)))
+        return submit(actor, task, attempt)
+
+    backend.submit = recording_submit
+    pool_of = []
+    return handed, pool_of
+
+
+def test_no_task_is_held_ahead_while_another_actor_has_nothing_to_do():
+    """Caught by CI with the next task held: one actor took a long video's segments, the other stood idle.
+    Here a's first video splits late, after b has finished everything else."""
+    todo = videos(4)
+    split = Split(todo[1], (0, 40, 80, 120))
+    backend = FakeBackend({("v1-000", 1): split}, slow={("v1-000", 1)}, one_at_a_time=True)
+    handed, pool_of = recording_hand_outs(backend, ["a", "b"])
+    pool_of.append(ActorPool(["a", "b"], backend, 3, lambda s: None, ahead=1))
+    statuses = run(pool_of[0], todo)
+    assert len(statuses) == 4 and all(s.status == "ok" for s in statuses.values())
+    assert [actor for key, _, actor in backend.log[:2]] == ["b", "a"]  # the split video went to a
+    assert not any(busy and other_free for _, busy, other_free in handed), handed
+    segments = {actor for key, _, actor in backend.log if key.startswith("v1-000@")}
+    assert segments == {"a", "b"}
+
+
+def test_no_task_is_held_ahead_at_the_tail_of_the_run():
+    backend = FakeBackend(one_at_a_time=True)
+    handed, pool_of = recording_hand_outs(backend, ["a", "b"])
+    pool_of.append(ActorPool(["a", "b"], backend, 3, lambda s: None, ahead=1))
+    assert len(run(pool_of[0], videos(8))) == 8
+    held = [queued for queued, busy, _ in handed if busy]
+    assert held and min(held) >= 2  # held ahead only while more than one task per actor was left
+    assert not any(busy for _, busy, _ in handed[-2:])  # the last two went to free streams
 
 
 @pytest.mark.timeout(20)  # taken for stalled, it would be killed and retried over and over

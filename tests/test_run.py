@@ -52,7 +52,6 @@ def test_awkward_and_bad_inputs_are_recorded_and_do_not_stop_the_run(ray_session
         for key in ("width", "height", "codec", "rotation"):
             if key in expect:
                 assert row[key] == expect[key], (rel, key)
-    assert len(set(videos.filter(pl.col("status") != "failed")["worker"])) == 2, "both actors should take videos"
 
     preds = all_predictions(tmp_path / "out")
     assert preds.height == summary.detections == videos["detections"].sum()

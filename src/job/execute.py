@@ -7,6 +7,7 @@ hands each to whichever actor is free, so long and short videos balance out.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -27,7 +28,7 @@ from job.config import JobConfig, ModelConfig, RayConfig
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
 from job.output import OutputDir
-from job.plan import WorkEstimate, actor_layout
+from job.plan import HeaderRead, actor_layout
 from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
 from job.status import VideoStatus
@@ -128,9 +129,8 @@ class ProgressCounter:
 
 
 # Tasks an actor holds beyond its streams, so the next starts without the driver's round trip (benchmarks/
-# scale.md). Off: the pool's dispatch then gave one actor the waiting segments of a split video while
-# another stood idle (caught by CI); it must first prefer actors with a free stream.
-TASKS_AHEAD = 0
+# scale.md); the pool holds none ahead while a stream is free anywhere, nor at the run's tail.
+TASKS_AHEAD = 1
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -264,19 +264,21 @@ class ActorRun:
     """Iterating it starts the actors and yields each video's final status as it completes."""
 
     def __init__(self, todo: list[Video], cfg: JobConfig, runtime: RayRuntime, output: OutputDir,
-                 work: WorkEstimate | None = None,
-                 on_model_loaded: Callable[[ModelConfig], None] | None = None) -> None:
+                 headers: HeaderRead, on_model_loaded: Callable[[ModelConfig], None] | None = None) -> None:
+        """`headers`: the work ahead, as the containers' headers tell it (still being read)."""
         self.todo, self.cfg, self.runtime, self.output = todo, cfg, runtime, output
         self.on_model_loaded = on_model_loaded or (lambda model: None)
-        self.work = work or WorkEstimate(0, len(todo))
-        self.frames_known_up_front = self.work.frames
-        # From the actors being ready (model loaded and warm) to the last video done.
+        self.headers = headers
+        # From the first actor being ready (model loaded and warm) to the last video done.
         self.processing_seconds = 0.0
 
     def __iter__(self) -> Iterator[VideoStatus]:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        layout = actor_layout(cfg.ray, cfg.device, ray.cluster_resources(), self.work.units, nodes)
+        resources = ray.cluster_resources()
+        most_actors = math.ceil(max(resources.get("CPU", 1.0), resources.get("GPU", 0.0) / cfg.ray.gpus_per_actor,
+                                    cfg.ray.num_actors or 0))
+        layout = actor_layout(cfg.ray, cfg.device, resources, self.headers.units(most_actors), nodes)
         log.info("starting %d actors (%.2g CPU, %.2g GPU, %d decode streams each)", layout.count, layout.cpus_each,
                  layout.gpus_each, layout.streams)
         run_id = uuid.uuid4().hex
@@ -304,21 +306,22 @@ class ActorRun:
             except (RayActorError, GetTimeoutError):  # the bar waits for the next tick
                 return
             # Known up front where containers record their frame counts; else it grows as workers open videos.
-            bar.total = max(self.frames_known_up_front, expected, done)
+            bar.total = max(self.headers.estimate.frames, expected, done)
             bar.set_postfix_str(f"{videos_done}/{len(todo)} videos", refresh=False)
             bar.update(done - bar.n)
 
         try:
-            ready, device, model = _wait_for_the_first(actors)
-            log.info("%d of %d actors ready on %s", len(ready), len(actors), device)
+            first, device, model = _wait_for_the_first(actors)
+            log.info("the first of %d actors is ready on %s: starting on it, the others join as they load",
+                     len(actors), device)
             self.on_model_loaded(model)
-            bar = tqdm(total=self.frames_known_up_front, unit="frame", desc="detecting", dynamic_ncols=True,
+            bar = tqdm(total=self.headers.estimate.frames, unit="frame", desc="detecting", dynamic_ncols=True,
                        mininterval=1.0)
             ready_at = time.monotonic()
             pool = ActorPool(actors, RayBackend(progress), cfg.ray.max_video_attempts, output.statuses.write,
                              stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams, ahead=TASKS_AHEAD,
-                             starting=set(range(len(actors))) - ready,
-                             sizer=TailSizer(self.work.frames_by_video, cfg.ray.segment_frames,
+                             starting=set(range(len(actors))) - {first},
+                             sizer=TailSizer(self.headers.estimate.frames_by_video, cfg.ray.segment_frames,
                                              layout.count * layout.streams))
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
@@ -333,16 +336,12 @@ class ActorRun:
             ray.kill(progress)
 
 
-def _wait_for_the_first(actors: list[Any]) -> tuple[set[int], str, ModelConfig]:
-    """(indices of the actors ready, the first one's device and model settings) once every actor has
-    loaded its model (see below). A model that cannot load (bad weights, no internet) is reported here
-    once, from the first actor to answer, not as a failure per video."""
+def _wait_for_the_first(actors: list[Any]) -> tuple[int, str, ModelConfig]:
+    """(the index of the first actor to have loaded its model, its device, the model's settings): the run
+    starts on it, and the others join the pool as each is ready. A model that cannot load (bad weights,
+    no internet) is reported here once, from the first actor to answer, not as a failure per video."""
     pending = {actor.ready.remote(): i for i, actor in enumerate(actors)}
     first, _ = ray.wait(list(pending), num_returns=1)
-    # All of them, for now: with one long video, the first actor ready split it and ran every segment
-    # before the second had loaded its model (caught by CI). `ActorPool(starting=)` is ready for the day
-    # the pool hands segments to actors as they join.
-    ready, _ = ray.wait(list(pending), num_returns=len(pending))
     try:
         device, model, error = ray.get(first[0])
     except RayActorError as exc:
@@ -355,7 +354,7 @@ def _wait_for_the_first(actors: list[Any]) -> tuple[set[int], str, ModelConfig]:
         raise WorkersCannotStartError(f"the Ray workers could not start: {reason}") from None
     if error:
         raise WorkersCannotStartError(f"the Ray workers could not load the model: {error}")
-    return {pending[ref] for ref in ready} | {pending[first[0]]}, device, model
+    return pending[first[0]], device, model
 
 
 def root_cause(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -106,25 +107,52 @@ def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | 
     its worker) and only those whose container records a frame count; the rest join the bar's total as
     workers open them, and count as one unit each.
     """
+    estimate = WorkEstimate(0, len(videos))
+    for video in videos:
+        _count_header(estimate, video, frame_stride, segment_frames, output)
+    return estimate
+
+
+class HeaderRead:
+    """`estimate_work` in a thread, so that it runs while Ray and the actors start rather than before
+    (serial, about 0.5 ms a local video: seconds at tens of thousands). Its `estimate` grows meanwhile:
+    the progress bar's total follows it, and the tail sizer leaves a video it has no count for whole."""
+
+    def __init__(self, videos: list[Video], frame_stride: int, segment_frames: int | None,
+                 output: OutputDir) -> None:
+        self.estimate = WorkEstimate(0, len(videos))
+        self._thread = threading.Thread(target=self._read, args=(videos, frame_stride, segment_frames, output),
+                                        name="job-header-read", daemon=True)
+        self._thread.start()
+
+    def _read(self, videos: list[Video], frame_stride: int, segment_frames: int | None, output: OutputDir) -> None:
+        for video in videos:  # in hand-out order: the sizer has the next videos' counts first
+            _count_header(self.estimate, video, frame_stride, segment_frames, output)
+
+    def units(self, enough: int) -> int:
+        """Units of work, waiting for every header only while fewer than `enough` (the most actors the
+        cluster could run) are known: each video is one at least, so a long list never waits."""
+        if self.estimate.units < enough:
+            self._thread.join()
+        return self.estimate.units
+
+
+def _count_header(estimate: WorkEstimate, video: Video, frame_stride: int, segment_frames: int | None,
+                  output: OutputDir) -> None:
     import av
 
-    frames = units = 0
-    frames_by_video = {}
-    for video in videos:
-        units += 1
-        if is_uri(video.path) or output.store.names(partition(video.video_id)):
-            continue
-        try:
-            with av.open(video.path, metadata_errors="replace") as container:  # as decode.METADATA_ERRORS
-                count = container.streams.video[0].frames if container.streams.video else 0
-        except Exception:  # noqa: BLE001 - a bad file is the worker's to report
-            continue
-        frames += math.ceil(count / frame_stride)
-        if count:
-            frames_by_video[video.video_id] = count
-        if segment_frames:  # the pieces the pool may cut it into (`TailSizer`): the last videos are cut short
-            units += max(0, count // min(segment_frames, MIN_SEGMENT_FRAMES) - 1)
-    return WorkEstimate(frames, units, frames_by_video)
+    if is_uri(video.path) or output.store.names(partition(video.video_id)):
+        return
+    try:
+        with av.open(video.path, metadata_errors="replace") as container:  # as decode.METADATA_ERRORS
+            count = container.streams.video[0].frames if container.streams.video else 0
+    except Exception:  # noqa: BLE001 - a bad file is the worker's to report
+        return
+    if count:
+        estimate.frames_by_video[video.video_id] = count
+    if segment_frames:  # the pieces the pool may cut it into (`TailSizer`): the last videos are cut short
+        estimate.units += max(0, count // min(segment_frames, MIN_SEGMENT_FRAMES) - 1)
+    estimate.frames += math.ceil(count / frame_stride)
 
 
 def _size(video: Video) -> int:

@@ -69,8 +69,10 @@ class ActorPool:
 
     An actor runs up to `streams` tasks at once (a GPU actor's decode streams, all feeding its one model),
     and holds `ahead` more waiting to start, so that it goes from one task to the next without waiting for
-    the driver's round trip (a few ms: more than a tiny clip's own work). A waiting task's stall clock
-    starts when a task of its actor ends.
+    the driver's round trip (a few ms: more than a tiny clip's own work). A task goes to a free stream
+    before it is held ahead anywhere, and none is held ahead once no more are queued than there are actors,
+    so the run's last tasks never wait behind a long one while another actor stands idle. A waiting task's
+    stall clock starts when a task of its actor ends.
     When an actor dies with several tasks in flight, nobody knows which one killed it: each is retried
     alone on an actor with nothing else running, and only a death while alone counts as an attempt, so a
     file that crashes its decoder is given up without taking its neighbours' attempts with it.
@@ -148,7 +150,13 @@ class ActorPool:
                 actor = free[0]
                 self.idle = [i for i in self.idle if i != actor]
             else:
-                actor = self.idle.pop()
+                actor = self._with_a_free_stream()
+                if actor is None:  # every idle slot is one held ahead: not at the tail (see below)
+                    if len(self.queue) <= len(self.actors):
+                        return
+                    actor = self.idle.pop()
+                else:
+                    self.idle.remove(actor)
             task = self.queue.pop()
             if not task.is_segment:
                 now = time.monotonic()
@@ -156,10 +164,21 @@ class ActorPool:
                                        [(c.task, now - self.started_at[ref]) for ref, c in self.running.items()])
             self.attempts[task.key] = self.attempts.get(task.key, 0) + 1
             ref = self.backend.submit(self.actors[actor], task, self.attempts[task.key])
-            if sum(1 for r, c in self.running.items() if c.actor == actor and r not in self.waiting) >= self.streams:
+            if self._streams_in_use(actor) >= self.streams:
                 self.waiting.add(ref)
             self.running[ref] = _Call(task, actor, self.lives[actor], self.slots if alone else 1)
             self.started_at[ref] = time.monotonic()
+
+    def _streams_in_use(self, actor: int) -> int:
+        return sum(1 for ref, call in self.running.items() if call.actor == actor and ref not in self.waiting)
+
+    def _with_a_free_stream(self) -> int | None:
+        """An idle actor whose next task starts at once, before any that would hold it waiting: else a split
+        video's segments could queue up on one actor while another stands idle. The most recently freed first."""
+        for actor in reversed(self.idle):
+            if self._streams_in_use(actor) < self.streams:
+                return actor
+        return None
 
     def _started(self, ref: Ref) -> None:
         actor = self.starting.pop(ref)

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from job.config import JobConfig
 from job.finish import RunSummary, summarize, write_tables
 from job.output import OutputDir
-from job.plan import Plan, estimate_work, make_plan
+from job.plan import HeaderRead, Plan, make_plan
 from job.status import VideoStatus
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ def _execute_and_finish(plan: Plan, output: OutputDir, started_at: datetime, sta
 
         log.info("%d to process, %d already done", len(plan.todo), len(plan.finished))
         cfg = plan.settings
+        headers = HeaderRead(plan.todo, cfg.frame_stride, cfg.ray.segment_frames, output)  # while Ray starts
         with RayRuntime(cfg.ray, keep=keep_ray) as runtime:
-            actor_run = ActorRun(plan.todo, cfg, runtime, output,
-                                 estimate_work(plan.todo, cfg.frame_stride, cfg.ray.segment_frames, output),
+            actor_run = ActorRun(plan.todo, cfg, runtime, output, headers,
                                  on_model_loaded=lambda model: plan.record_settings(output, model))
             ray_job_id = runtime.job_id()
             for status in actor_run:
