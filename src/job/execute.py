@@ -7,9 +7,9 @@ hands each to whichever actor is free, so long and short videos balance out.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -276,8 +276,8 @@ class ActorRun:
         todo, cfg, runtime, output = self.todo, self.cfg, self.runtime, self.output
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         resources = ray.cluster_resources()
-        most_actors = math.ceil(max(resources.get("CPU", 1.0), resources.get("GPU", 0.0) / cfg.ray.gpus_per_actor,
-                                    cfg.ray.num_actors or 0))
+        # The headers are awaited only where the work ahead could be fewer units than the actors it allows.
+        most_actors = actor_layout(cfg.ray, cfg.device, resources, sys.maxsize, nodes).count
         layout = actor_layout(cfg.ray, cfg.device, resources, self.headers.units(most_actors), nodes)
         log.info("starting %d actors (%.2g CPU, %.2g GPU, %d decode streams each)", layout.count, layout.cpus_each,
                  layout.gpus_each, layout.streams)
