@@ -7,9 +7,12 @@ Measures, each in this process (no Ray, no Hydra; the job's `Detector` and `iter
   1. model only: frames/s of each detector at fp32, fp16 and bf16 and two or three batch sizes, on frames
      already in memory, and the share of fp32's detections that fp16 and bf16 keep (same class, IoU >= 0.9);
   2. decoding only: PyAV frames/s at 1/4/8/16 threads and 1/4/8 streams at once (threads, one video each);
+     NVDEC's (where PyNvVideoCodec is installed) at 1/4/8 streams, and whether its frame indices and
+     timestamps are PyAV's;
   3. the job's path end to end (decode -> detect -> commit with `process.process_task`, where polars is
-     installed) against the model-only ceiling, with the share of the time the device was busy.
-Wheels the machine lacks (PyAV, polars) can be installed from a folder first: --wheels DIR.
+     installed), with PyAV and with NVDEC, against the model-only ceiling, with the share of the time the
+     device was busy.
+Wheels the machine lacks (PyAV, polars, PyNvVideoCodec) can be installed from a folder first: --wheels DIR.
 Weights: seeded detectors calibrated on the frames (offline); speed does not depend on the values.
 """
 
@@ -98,27 +101,67 @@ def model_only(args, frames, weights_dir: Path) -> list[str]:
     return lines
 
 
-def decoding(args, video: Path) -> list[str]:
-    from job.decode import DecodeProgress, iter_batches, probe
+def streams_rate(video: Path, streams: int, **decoding) -> float:
+    """Frames/s decoding `video` in `streams` threads at once (`decoding`: iter_batches' options)."""
+    from job.decode import iter_batches, probe
 
     info = probe(str(video))
+    counts = [0] * streams
+
+    def decode(k: int) -> None:
+        for batch in iter_batches(str(video), info, batch_size=8, **decoding):
+            counts[k] += len(batch.frame_indices)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=decode, args=(k,)) for k in range(streams)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if decoding.get("device") is not None:  # NVDEC's frames: counted once they are on the GPU
+        import torch
+
+        torch.cuda.synchronize()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def decoding(args, video: Path) -> list[str]:
     lines = ["| streams | threads each | frames/s |", "| --- | --- | --- |"]
     for streams in args.streams:
         for threads in args.threads:
-            counts = [0] * streams
-
-            def decode(k: int, t: int = threads, counts: list[int] = counts) -> None:
-                for batch in iter_batches(str(video), info, batch_size=8, progress=DecodeProgress(), threads=t):
-                    counts[k] += len(batch.frame_indices)
-
-            started = time.perf_counter()
-            workers = [threading.Thread(target=decode, args=(k,)) for k in range(streams)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            lines.append(f"| {streams} | {threads} | {sum(counts) / (time.perf_counter() - started):.1f} |")
+            lines.append(f"| {streams} | {threads} | {streams_rate(video, streams, threads=threads):.1f} |")
             print(lines[-1], flush=True)
+    return lines
+
+
+def nvdec_decoding(args, video: Path) -> list[str]:
+    """NVDEC's frames/s with 1 to 8 streams at once, and whether its frames are PyAV's frames (indices, stamps)."""
+    import numpy as np
+    import torch
+
+    from job.decode import DecodeProgress, iter_batches, nvdec_installed, probe
+
+    if not nvdec_installed():
+        return ["(skipped: PyNvVideoCodec is not installed here; pass --wheels with its wheel)"]
+    if args.device != "cuda":
+        return ["(skipped: NVDEC needs --device cuda)"]
+    device = torch.device("cuda")
+    info = probe(str(video))
+
+    def decoded(decoder: str, progress: DecodeProgress) -> tuple[np.ndarray, np.ndarray]:
+        batches = list(iter_batches(str(video), info, batch_size=8, decoder=decoder, progress=progress,
+                                    device=device))
+        return (np.concatenate([b.frame_indices for b in batches]), np.concatenate([b.timestamps_s for b in batches]))
+
+    nvdec = DecodeProgress()
+    (indices, stamps), (want_indices, want_stamps) = decoded("nvdec", nvdec), decoded("pyav", DecodeProgress())
+    same = np.array_equal(indices, want_indices) and np.array_equal(stamps, want_stamps)
+    lines = [f"Decoded by {nvdec.frames_by_decoder}; frame indices and timestamps equal PyAV's: {same}", "",
+             "| streams | frames/s |", "| --- | --- |"]
+    for streams in args.streams:
+        rate = streams_rate(video, streams, decoder="nvdec", device=device)
+        lines.append(f"| {streams} | {rate:.1f} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -129,7 +172,8 @@ def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
         return ["(skipped: polars is not installed here; pass --wheels with its wheel)"]
     import torch
 
-    from job.config import JobConfig, ModelConfig, for_device
+    from job.config import Decoder, JobConfig, ModelConfig, for_device
+    from job.decode import nvdec_installed
     from job.detect import Detector
     from job.discover import discover_videos
     from job.output import OutputDir
@@ -139,7 +183,6 @@ def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
     name = args.models[0]
     detector = Detector(ModelConfig(name=name, weights=str(weights_dir / f"{name}.pth")), args.threshold,
                         device=args.device)
-    settings = for_device(JobConfig(video_dir=str(video.parent), output_dir=str(out)), detector.device.type)
     busy = [0.0]
     forward = detector.model.forward
 
@@ -153,12 +196,20 @@ def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
 
     detector.model.forward = measured
     (video_entry,) = discover_videos(str(video))
-    started = time.perf_counter()
-    status = process_task(Task(video_entry), settings, OutputDir(str(out)), detector, decode_threads=args.threads[-1])
-    seconds = time.perf_counter() - started
-    return ["| model | frames | frames/s end to end | device busy |", "| --- | --- | --- | --- |",
-            f"| {name} | {status.frames_processed} | {status.frames_processed / seconds:.1f} | "
-            f"{100 * busy[0] / seconds:.0f}% |"]
+    lines = ["| model | decoder | frames | frames/s end to end | device busy |", "| --- | --- | --- | --- | --- |"]
+    decoders = [Decoder.pyav] + ([Decoder.nvdec] if nvdec_installed() and detector.device.type == "cuda" else [])
+    for decoder in decoders:
+        settings = for_device(JobConfig(video_dir=str(video.parent), output_dir=str(out / decoder.value),
+                                        decoder=decoder), detector.device.type)
+        busy[0] = 0.0
+        started = time.perf_counter()
+        status = process_task(Task(video_entry), settings, OutputDir(settings.output_dir), detector,
+                              decode_threads=args.threads[-1])
+        seconds = time.perf_counter() - started
+        lines.append(f"| {name} | {decoder.value} | {status.frames_processed} | "
+                     f"{status.frames_processed / seconds:.1f} | {100 * busy[0] / seconds:.0f}% |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
@@ -196,6 +247,7 @@ def main() -> None:
                  + (" (--quick: sizes too small to mean anything)" if quick else ""), "",
                  "Model only:", "", *model_only(args, frames, scratch), "",
                  "Decoding only (PyAV):", "", *decoding(args, video), "",
+                 "Decoding only (NVDEC, frames left on the GPU):", "", *nvdec_decoding(args, video), "",
                  "The job's path (decode -> detect -> commit):", "",
                  *end_to_end(args, video, scratch, scratch / "out"), ""]
     report = "\n".join(lines)

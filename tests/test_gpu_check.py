@@ -23,4 +23,5 @@ def test_the_gpu_check_runs_here_on_cpu(tmp_path):
     for precision in ("fp32", "fp16", "bf16"):
         assert re.search(rf"\| ssdlite320_mobilenet_v3_large \| {precision} \| 2 \| \d+\.\d \|", text), precision
     assert re.search(r"\| 2 \| 1 \| \d+\.\d \|", text)  # two decode streams at once
-    assert re.search(r"\| ssdlite320_mobilenet_v3_large \| 16 \| \d+\.\d \| \d+% \|", text)  # all 16 frames committed
+    assert re.search(r"\| ssdlite320_mobilenet_v3_large \| pyav \| 16 \| \d+\.\d \| \d+% \|", text)  # all 16 committed
+    assert "Decoding only (NVDEC, frames left on the GPU):\n\n(skipped: " in text  # no GPU here

@@ -9,6 +9,7 @@ where the device is known (in the actor). Nothing past this module reads string 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 import typing
@@ -37,6 +38,7 @@ class Precision(str, Enum):
 
 class Decoder(str, Enum):
     decord = "decord"
+    nvdec = "nvdec"  # NVIDIA's hardware decoder (the `nvdec` extra); frames stay on the GPU
     pyav = "pyav"
 
 
@@ -390,6 +392,10 @@ def validate(cfg: JobConfig) -> None:
         problems.append("ray.max_video_attempts must be >= 1")
     if cfg.tracker.name is not None and cfg.tracker.name not in TRACKERS:
         problems.append(f"tracker must be one of {', '.join(TRACKERS)} or null, got {cfg.tracker.name}")
+    if cfg.decoder is Decoder.nvdec and cfg.device is Device.cpu:
+        problems.append("decoder=nvdec decodes on an NVIDIA GPU; use device=auto or device=cuda (or decoder=pyav)")
+    elif cfg.decoder is Decoder.nvdec and importlib.util.find_spec("PyNvVideoCodec") is None:
+        problems.append("decoder=nvdec needs NVIDIA's PyNvVideoCodec: pip install 'job[nvdec]' (or use decoder=pyav)")
     problems += _analytics_problems(cfg)
     problems += _class_map_problems(cfg.evaluate, "evaluate.")
     truth = cfg.evaluate.ground_truth

@@ -11,12 +11,21 @@ every ~128 MB of frames and seek back, re-decoding from the previous keyframe ea
 decodes only what it is asked for, so it streams a video once: 2-3x less decode time than the
 decord path on 720p (benchmarks/throughput.md). decord 0.6.0 also returns corrupt 4-channel
 buffers for rotated streams, which therefore always go through PyAV.
+
+`decoder=nvdec` decodes on the GPU's NVDEC engines with NVIDIA's PyNvVideoCodec (the `nvdec` extra), frames
+left on the device. Chosen over torchcodec's CUDA decoder because its wheel carries its own demuxer and
+needs only the driver, while torchcodec needs FFmpeg's shared libraries installed on every node (neither
+was measured against the other: no GPU was at hand). Frames are numbered by their PTS exactly as PyAV's
+are, with PyAV's probe for timestamps and rotation; a video NVDEC will not take (no CUDA device, a codec
+or profile it lacks, a segment that starts midway) or that fails midway goes on with PyAV, the reason logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib.util
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +38,8 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from job.errors import first_line
+
+log = logging.getLogger(__name__)
 
 # Tags in a container's header (title, encoder, rotation...) that are not valid UTF-8 (damage, or an old
 # tool's own encoding) are read with replacement characters instead of making the video unreadable.
@@ -118,6 +129,7 @@ def iter_batches(
     window_frames: int | None = None,
     threads: int = 1,
     end_frame: int | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, start_frame <= index < end_frame).
 
@@ -125,28 +137,35 @@ def iter_batches(
     counted as decodable when decoding seeks past them) and what damage was met on the way.
     `window_frames` overrides how many frames decord decodes per reader (see `_decord_frames`);
     `threads` is how many the decoder may use. A range that ends before the video does (a segment)
-    is decoded with PyAV.
+    is decoded with PyAV, unless `decoder="nvdec"`. `device`: the model's, where NVDEC leaves its frames
+    (the batches are then on it too).
     """
     progress = progress if progress is not None else DecodeProgress()
 
     def wanted(index: int) -> bool:
         return index >= start_frame and index % frame_stride == 0
 
-    if decoder == "pyav" or not _decord_reads_right(info) or end_frame is not None:
+    if decoder == "nvdec":
+        frames = _nvdec_then_pyav(path, info, wanted, start_frame, end_frame, progress, threads, device)
+    elif decoder == "pyav" or not _decord_reads_right(info) or end_frame is not None:
         frames = _counted(_pyav_frames(path, info, wanted, progress, threads, start_frame, end_frame), progress,
                           "pyav")
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
         frames = _decord_then_pyav(path, info, wanted, start_frame, window, progress, threads)
-    batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8)
+    batch: torch.Tensor | None = None
     indices: list[int] = []
     for index, frame in frames:
+        if indices and batch.device != frame.device:  # NVDEC handed over to PyAV midway: a batch is on one device
+            yield _make_batch(batch[: len(indices)], indices, info)
+            batch, indices = None, []
+        if batch is None:
+            batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8, device=frame.device)
         batch[len(indices)].copy_(frame)
         indices.append(index)
         if len(indices) == batch_size:
             yield _make_batch(batch, indices, info)
-            batch = torch.empty_like(batch)
-            indices = []
+            batch, indices = None, []
     if indices:
         yield _make_batch(batch[: len(indices)], indices, info)
 
@@ -228,6 +247,88 @@ def _decord_then_pyav(
     yield from _counted(_pyav_frames(path, info, lambda i: i >= handover and wanted(i), rest, threads, 0, None),
                         progress, "pyav")
     progress.frames_decoded, progress.problems = rest.frames_decoded, rest.problems
+
+
+# What NVDEC decodes on some NVIDIA GPU, by FFmpeg's codec names; whether this GPU takes a stream's profile,
+# bit depth and chroma format (AV1 before Ampere, 4:4:4 H.264) is found out by trying.
+NVDEC_CODECS = frozenset({"h264", "hevc", "av1", "vp8", "vp9", "mpeg1video", "mpeg2video", "mpeg4", "vc1", "mjpeg"})
+
+
+def nvdec_installed() -> bool:
+    return importlib.util.find_spec("PyNvVideoCodec") is not None
+
+
+def nvdec_refusal(info: VideoInfo, device: torch.device | None, start: int) -> str | None:
+    """Why this video will not go to NVDEC at all (None: it will be tried)."""
+    if device is None or device.type != "cuda":
+        return f"NVDEC decodes on a CUDA device; this worker's model runs on {device.type if device else 'cpu'}"
+    if info.codec not in NVDEC_CODECS:
+        return f"NVDEC does not decode {info.codec}"
+    if start > 0:
+        return "a segment or resume that starts midway (NVDEC decodes from the start of the file here)"
+    if not nvdec_installed():
+        return "PyNvVideoCodec is not installed (pip install 'job[nvdec]')"
+    return None
+
+
+def _nvdec_then_pyav(
+    path: str, info: VideoInfo, wanted: Callable[[int], bool], start: int, end: int | None,
+    progress: DecodeProgress, threads: int, device: torch.device | None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """NVDEC's frames while it decodes, then PyAV's from the first frame it did not hand out, so a video
+    NVDEC refuses or fails on midway loses no more frames than the default decoder would."""
+    reason = nvdec_refusal(info, device, start)
+    handover = start
+    if reason is None:
+        frames = _counted(_nvdec_frames(path, info, wanted, progress, device, end), progress, "nvdec")
+        while True:
+            try:
+                index, frame = next(frames)
+            except StopIteration:
+                return
+            except Exception as exc:  # PyNvVideoCodec raises its own exception types and RuntimeError
+                reason = f"NVDEC stopped after {progress.frames_decoded} frames: {first_line(exc)}"
+                break
+            handover = index + 1
+            yield index, frame
+    log.warning("%s: decoding with PyAV from frame %d: %s", os.path.basename(path), handover, reason)
+    yield from _counted(_pyav_frames(path, info, lambda i: i >= handover and wanted(i), progress, threads,
+                                     handover, end), progress, "pyav")
+
+
+def _nvdec_frames(
+    path: str, info: VideoInfo, wanted: Callable[[int], bool], progress: DecodeProgress, device: torch.device,
+    end: int | None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Frames in display order as RGB uint8 (H, W, 3) on `device`, numbered by their PTS as `_pyav_frames`
+    numbers them (the NVDEC demuxer is FFmpeg's too, so the stamps are the same), rotated for display."""
+    import PyNvVideoCodec as nvc
+
+    turns = _quarter_turns(info.rotation)
+    coded = (info.width, info.height) if info.rotation % 180 else (info.height, info.width)
+    number = _FrameNumbering(info.frame_pts)
+    progress.frames_decoded = 0
+    demuxer = nvc.CreateDemuxer(filename=path)
+    decoder = nvc.CreateDecoder(gpuid=device.index or 0, codec=demuxer.GetNvCodecId(), usedevicememory=True,
+                                outputColorType=nvc.OutputColorType.RGB)
+    for packet in demuxer:
+        for decoded in decoder.Decode(packet):
+            index = number(decoded.getPTS())
+            if index is None:
+                continue
+            if end is not None and index >= end:
+                return
+            progress.frames_decoded += 1
+            if not wanted(index):
+                continue
+            frame = torch.from_dlpack(decoded)  # the decoder's own surface, reused: copied below
+            if tuple(frame.shape) != (*coded, 3):
+                raise VideoError(f"the resolution changes at frame {index} ({frame.shape[1]}x{frame.shape[0]})")
+            yield index, (torch.rot90(frame, turns, dims=(0, 1)) if turns else frame).clone()
+    if number.skipped:
+        frames = "1 frame" if number.skipped == 1 else f"{number.skipped} frames"
+        progress.problems.insert(0, f"{frames} could not be decoded (damaged data), the other "
+                                    f"{progress.frames_decoded} were")
 
 
 def _counted(frames: Iterator[tuple[int, torch.Tensor]], progress: DecodeProgress,
@@ -485,5 +586,6 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
-    "detected_frames", "keyframe_indices", "DecodeProgress", "FrameBatch", "VideoError", "VideoInfo", "iter_batches", "probe", "timestamps_for",
+    "detected_frames", "keyframe_indices", "DecodeProgress", "FrameBatch", "NVDEC_CODECS", "VideoError", "VideoInfo",
+    "iter_batches", "nvdec_installed", "nvdec_refusal", "probe", "timestamps_for",
 ]

@@ -160,14 +160,14 @@ class Detector:
         self(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8))
 
     def __call__(self, frames: torch.Tensor) -> list[Detections]:
-        """frames: uint8 (B, H, W, 3) RGB on the CPU."""
+        """frames: uint8 (B, H, W, 3) RGB, on the CPU or (decoded by NVDEC) on the model's device."""
         with self._one_call_at_a_time:
             return self._detect(frames)
 
     @torch.inference_mode()
     def _detect(self, frames: torch.Tensor) -> list[Detections]:
         height, width = frames.shape[1:3]
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and frames.device.type == "cpu":  # NVDEC's are on the device already
             frames = frames.pin_memory().to(self.device, non_blocking=True)
         # uint8 -> float on the device, a frame at a time (see prepare_batch); then either our
         # batched resize+normalise (SSD) or the model's own per-image transform.

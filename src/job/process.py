@@ -141,7 +141,7 @@ def _process_local(
     try:
         batches = iter_batches(path, info, batch_size=settings.batch_size, frame_stride=stride, start_frame=start,
                                decoder=settings.decoder.value, progress=progress, threads=decode_threads,
-                               end_frame=task.end)
+                               end_frame=task.end, device=detector.device)
         for batch in prefetch(batches, settings.prefetch_batches):
             committer.add(batch, detector(batch.frames))
             on_progress(len(batch.frame_indices), 0)
