@@ -36,7 +36,7 @@ import psutil
 import torch
 from report import header, publish
 
-from job.decode import iter_batches, probe
+from job.decode import BatchBuffers, iter_batches, probe
 from job.samples import scene, write_video
 
 SIZES = ((176, 144), (640, 272), (1280, 720))
@@ -67,10 +67,12 @@ def make_videos(directory: Path, frames: int, per_size: int) -> int:
 def decode_all(paths: list[str], threads: int) -> int:
     torch.set_num_threads(1)  # as in the job's actors: the frame copies into a batch use torch's threads
     frames = 0
+    buffers = BatchBuffers(keep=5)  # reused as the job reuses them
     for path in paths:
         info = probe(path)
-        for batch in iter_batches(path, info, batch_size=16, threads=threads):
+        for batch in iter_batches(path, info, batch_size=16, threads=threads, buffers=buffers):
             frames += len(batch.frame_indices)
+            buffers.give_back(batch)
     return frames
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from media import VFR_PTS_MS, cut_without_reencoding, make_awkward_set, overwrite_middle
 
-from job.decode import DecodeProgress, VideoError, iter_batches, probe, timestamps_for
+from job.decode import BatchBuffers, DecodeProgress, VideoError, iter_batches, probe, timestamps_for
 from job.samples import scene, write_video
 
 
@@ -174,6 +174,27 @@ def test_decoder_threads_do_not_change_the_frames(tmp_path, decoder):
                 for n in (1, 2))
     assert np.concatenate([b.frame_indices for b in two]).tolist() == list(range(40))
     assert torch.equal(torch.cat([b.frames for b in one]), torch.cat([b.frames for b in two]))
+
+
+def test_batches_handed_back_are_written_into_again_and_the_others_never(tmp_path):
+    """The job decodes into batch buffers it hands back once detected; one still held must not change."""
+    rng = np.random.default_rng(4)
+    frames = [np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8) for _ in range(40)]
+    path = str(write_video(tmp_path / "reuse.mp4", frames, fps=25, options={"g": "10"}))
+    info = probe(path)
+    fresh = [b.frames.clone() for b in iter_batches(path, info, batch_size=8)]
+    buffers = BatchBuffers(keep=2)
+    held, pointers, copies = None, [], []
+    for i, batch in enumerate(iter_batches(path, info, batch_size=8, buffers=buffers)):
+        pointers.append(batch.frames.data_ptr())
+        copies.append(batch.frames.clone())
+        if i == 1:
+            held = batch  # kept, as a consumer still reading it would
+        else:
+            buffers.give_back(batch)
+    assert all(torch.equal(a, b) for a, b in zip(copies, fresh, strict=True))
+    assert torch.equal(held.frames, fresh[1])  # never written into by the batches after it
+    assert pointers[1] not in pointers[2:] and len(set(pointers)) == 2  # reused, except the one held
 
 
 def joined_streams(tmp_path):

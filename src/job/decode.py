@@ -27,6 +27,7 @@ import errno
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -70,6 +71,36 @@ class FrameBatch:
     frame_indices: np.ndarray  # int64, index among all decoded frames
     timestamps_s: np.ndarray  # float64
     frames: torch.Tensor  # uint8 (B, H, W, 3), RGB, displayed orientation
+    buffer: torch.Tensor | None = None  # the batch-sized buffer `frames` lies in, for `BatchBuffers.give_back`
+
+
+class BatchBuffers:
+    """Batch buffers written into again once their batch is done with (handed back), instead of new ones.
+
+    A new batch-sized allocation (tens of MB at 720p) is fresh memory the OS maps in page by page as
+    the frames are copied in, which made that copy the decoder's costliest step after decoding itself
+    (benchmarks/gpu.md). Batches bound for a GPU are pinned, so they cross without another copy. A
+    batch not handed back is simply not reused: only the caller knows when its frames are no longer read.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep  # at most this many wait to be reused
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # taken by the decode thread, handed back by the model's
+
+    def take(self, shape: tuple[int, ...], device: torch.device, pinned: bool) -> torch.Tensor:
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if buffer.shape == shape and buffer.device == device and buffer.is_pinned() == pinned:
+                    return self._free.pop(i)
+        return torch.empty(shape, dtype=torch.uint8, device=device, pin_memory=pinned)
+
+    def give_back(self, batch: FrameBatch) -> None:
+        """`batch`'s frames will not be read again (by anyone: its detections are made and copied off)."""
+        buffer, batch.buffer = batch.buffer, None
+        with self._lock:
+            if buffer is not None and len(self._free) < self.keep:
+                self._free.append(buffer)
 
 
 def probe(path: str) -> VideoInfo:
@@ -130,6 +161,7 @@ def iter_batches(
     threads: int = 1,
     end_frame: int | None = None,
     device: torch.device | None = None,
+    buffers: BatchBuffers | None = None,
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, start_frame <= index < end_frame).
 
@@ -138,9 +170,12 @@ def iter_batches(
     `window_frames` overrides how many frames decord decodes per reader (see `_decord_frames`);
     `threads` is how many the decoder may use. A range that ends before the video does (a segment)
     is decoded with PyAV, unless `decoder="nvdec"`. `device`: the model's, where NVDEC leaves its frames
-    (the batches are then on it too).
+    (the batches are then on it too; decoded on the CPU for a GPU, they are pinned). `buffers`: where the
+    batches' memory comes from, to be handed back there once detected.
     """
     progress = progress if progress is not None else DecodeProgress()
+    buffers = buffers or BatchBuffers(keep=0)
+    pinned = device is not None and device.type == "cuda" and torch.cuda.is_available()
 
     def wanted(index: int) -> bool:
         return index >= start_frame and index % frame_stride == 0
@@ -157,17 +192,18 @@ def iter_batches(
     indices: list[int] = []
     for index, frame in frames:
         if indices and batch.device != frame.device:  # NVDEC handed over to PyAV midway: a batch is on one device
-            yield _make_batch(batch[: len(indices)], indices, info)
+            yield _make_batch(batch, indices, info)
             batch, indices = None, []
         if batch is None:
-            batch = torch.empty((batch_size, info.height, info.width, 3), dtype=torch.uint8, device=frame.device)
+            batch = buffers.take((batch_size, info.height, info.width, 3), frame.device,
+                                 pinned and frame.device.type == "cpu")
         batch[len(indices)].copy_(frame)
         indices.append(index)
         if len(indices) == batch_size:
             yield _make_batch(batch, indices, info)
             batch, indices = None, []
     if indices:
-        yield _make_batch(batch[: len(indices)], indices, info)
+        yield _make_batch(batch, indices, info)
 
 
 @dataclass
@@ -204,9 +240,9 @@ def detected_frames(info: VideoInfo, frame_count: int, frame_stride: int) -> tup
     return indices, timestamps_for(indices, info)
 
 
-def _make_batch(batch: torch.Tensor, indices: list[int], info: VideoInfo) -> FrameBatch:
+def _make_batch(buffer: torch.Tensor, indices: list[int], info: VideoInfo) -> FrameBatch:
     idx = np.asarray(indices, dtype=np.int64)
-    return FrameBatch(idx, timestamps_for(idx, info), batch)
+    return FrameBatch(idx, timestamps_for(idx, info), buffer[: len(indices)], buffer)
 
 
 # decord decodes ahead in a background thread with no bound (dmlc/decord#157): a reader held

@@ -19,6 +19,7 @@ import numpy as np
 
 from job.config import JobConfig, OutputConfig
 from job.decode import (
+    BatchBuffers,
     DecodeProgress,
     FrameBatch,
     VideoError,
@@ -137,13 +138,16 @@ def _process_local(
     committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names,
                                first, task.end)
     progress = DecodeProgress()
+    # Enough that, once the read-ahead is full, every batch is decoded into one handed back.
+    buffers = BatchBuffers(keep=settings.prefetch_batches + 3)
     failure = None
     try:
         batches = iter_batches(path, info, batch_size=settings.batch_size, frame_stride=stride, start_frame=start,
                                decoder=settings.decoder.value, progress=progress, threads=decode_threads,
-                               end_frame=task.end, device=detector.device)
+                               end_frame=task.end, device=detector.device, buffers=buffers)
         for batch in prefetch(batches, settings.prefetch_batches):
-            committer.add(batch, detector(batch.frames))
+            committer.add(batch, detector(batch.frames))  # the detections are on the CPU: the frames are done with
+            buffers.give_back(batch)
             on_progress(len(batch.frame_indices), 0)
         committer.flush()
     except OutputWriteError:
