@@ -1,17 +1,20 @@
 """The GPU layout on this CPU machine: a real `ray start` node declaring one GPU, a stand-in accelerator
 (`job.samples.stand_in_accelerator`, a plug-in that waits instead of computing) playing the GPU.
 
-The node's CPUs go to its one GPU actor, which decodes a stream per CPU, every stream feeding the one
-model; the detections are the CPU layout's.
+The node's CPUs go to its one GPU actor, which decodes a stream per CPU (each in a child process, as
+with a GPU's read-ahead), every stream feeding the one model; the detections are the CPU layout's.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
+import time
 from collections import Counter
 
 import polars as pl
+import psutil
 import pytest
 from cli import run_cli
 from test_cluster import RAY, free_port, kill_processes_under
@@ -47,7 +50,7 @@ def gpu_node(tmp_path_factory):
 def stand_in(calls_log) -> list[str]:
     return ["model._target_=job.samples.stand_in_accelerator", "model.weights=none",
             f"+model.builder_args.calls_log={calls_log}", "+model.builder_args.ms_per_frame=2", "+model.builder_args.level=90",
-            "ray.segment_frames=null", "batch_size=4"]
+            "ray.segment_frames=null", "batch_size=4", "prefetch_batches=2"]  # a GPU's read-ahead: child decoders
 
 
 def detections(out) -> pl.DataFrame:
@@ -65,6 +68,12 @@ def test_a_gpu_node_gives_one_actor_whose_streams_share_its_model(gpu_node, tmp_
                      *stand_in(gpu_calls), env=env)
     assert result.returncode == 0, result.output
     assert "starting 1 actors (2 CPU, 1 GPU, 2 decode streams each)" in result.output
+    children = set(re.findall(r"decoding ahead in child process (\d+)", result.output))
+    assert len(children) == 2, result.output  # a child process per stream decoded, not a thread of the actor
+    deadline = time.monotonic() + 15  # and they left with the actor
+    while any(psutil.pid_exists(int(pid)) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(int(pid)) for pid in children)
 
     calls = [line.split() for line in gpu_calls.read_text().splitlines()]
     calls = [call for call in calls if call[1] != "640x480"]  # the warm-up batch (`Detector.warm_up`)

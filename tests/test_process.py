@@ -10,6 +10,7 @@ from media import cut_without_reencoding, overwrite_middle
 
 from job import layout
 from job.config import ModelConfig, for_device
+from job.decode_process import DecodeProcess
 from job.detect import Detector
 from job.discover import discover_videos
 from job.output import OutputDir
@@ -131,17 +132,22 @@ def test_prefetch_depth_zero_produces_in_the_callers_thread_on_demand():
     assert list(stream) == [1, 2]
 
 
-def test_inline_and_threaded_decoding_commit_the_same_detections(tmp_path, make_cfg, detector):
+def test_inline_threaded_and_child_process_decoding_commit_the_same_detections(tmp_path, make_cfg, detector):
     write_video(tmp_path / "in" / "v.mp4", 30, size=(320, 240))
     video = only_video(tmp_path / "in")
-    rows = {}
-    for depth in (0, 2):
-        cfg = make_cfg(tmp_path / "in", f"prefetch_batches={depth}", "batch_size=4",
-                       output_dir=tmp_path / f"out{depth}")
-        rows[depth] = process(video, cfg, detector)
-        assert rows[depth].status == "ok" and rows[depth].frames_processed == 30
-    assert rows[0].detections == rows[2].detections > 0
-    assert predictions(tmp_path / "out0").equals(predictions(tmp_path / "out2"))
+    rows, outs = {}, {}
+    for ways in (("prefetch_batches=0",), ("prefetch_batches=2", "decode_processes=false"),
+                 ("prefetch_batches=2", "decode_processes=true")):
+        outs[ways] = tmp_path / f"out{len(outs)}"
+        cfg = make_cfg(tmp_path / "in", *ways, "batch_size=4", output_dir=outs[ways])
+        with DecodeProcess(keep=3) as stream:
+            rows[ways] = process(video, cfg, detector, decode_process=stream)
+            assert (stream._child is not None) == ("decode_processes=true" in ways)  # decoded there, or not
+        assert rows[ways].status == "ok" and rows[ways].frames_processed == 30
+    inline, threaded, child = rows.values()
+    assert inline.detections == threaded.detections == child.detections > 0
+    first, *others = outs.values()
+    assert all(predictions(first).equals(predictions(out)) for out in others)
 
 
 def test_videos_table_rows_are_typed(tmp_path, make_cfg, detector):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -33,6 +34,9 @@ from job.pool import ActorDied, ActorPool, CallFailed
 from job.segments import Split, Task
 from job.status import VideoStatus
 from job.video_cache import VideoCache
+
+if TYPE_CHECKING:
+    from job.decode_process import DecodeProcess
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,7 @@ class VideoWorker:
         torch.set_num_threads(CPU_INFERENCE_THREADS)  # the model is built as it will run (CPU unless CUDA)
         self.threads = threads  # each stream's decoder's
         self.free_streams = threading.BoundedSemaphore(streams)  # a call beyond them waits here, delivered
+        self.idle_decoders: queue.SimpleQueue = queue.SimpleQueue()  # streams' child processes between tasks
         # Looked up by name: a handle argument would live in the object store, which restarts need intact.
         self.progress = ray.get_actor(progress_actor)
         # What the user must fix (weights, device, plug-in) is reported by `ready`, not raised here:
@@ -167,6 +172,13 @@ class VideoWorker:
         self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
         import job.process  # noqa: F401  (imported while starting up, not on the first video)
 
+        if self.settings.decode_processes:  # they start up while the model warms up
+            from job.decode_process import DecodeProcess
+
+            for _ in range(streams):
+                decoder = DecodeProcess(keep=self.settings.prefetch_batches + 3)
+                decoder.start()
+                self.idle_decoders.put(decoder)
         self.detector.warm_up(self.settings.batch_size)
 
     def ready(self) -> tuple[str | None, ModelConfig | None, str | None]:
@@ -187,16 +199,25 @@ class VideoWorker:
 
         with self.free_streams:
             report = BatchedProgress(self.progress, video_id=task.key)  # the pool starts its stall clock
+            decoder = self._decoder()
             try:
                 return process_task(task, self.settings, self.output, self.detector, report, attempts, self.cache,
-                                    decode_threads=self.threads)
+                                    decode_threads=self.threads, decode_process=decoder)
             finally:
                 report.flush()
+                if decoder is not None:
+                    self.idle_decoders.put(decoder)
+
+    def _decoder(self) -> DecodeProcess | None:
+        """A free stream's child process, when decoding in child processes (one per stream: never empty)."""
+        return self.idle_decoders.get_nowait() if self.settings.decode_processes else None
 
     def close(self) -> None:
         """The run is over: drop this node's copies of object-store videos."""
         if self.startup_error is None:
             self.cache.clear()
+        while not self.idle_decoders.empty():
+            self.idle_decoders.get_nowait().close()
 
 
 class BatchedProgress:

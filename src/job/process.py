@@ -1,9 +1,10 @@
 """One task (a video, or a segment of one) through decode -> detect -> commit, with resume; no Ray here.
 
-On a GPU, decoding runs ahead in a background thread (`prefetch`), so the GPU never waits on the decoder,
-with memory bounded by `prefetch_batches` batches whatever the video's length. On CPU each actor has one
-CPU by default and the model one thread, so batches are decoded inline, between model calls (a decode
-thread beside torch's stalled its thread pool at every barrier: benchmarks/throughput.md).
+On a GPU, decoding runs ahead, so the GPU never waits on the decoder, with memory bounded by
+`prefetch_batches` batches whatever the video's length: in a child process (`decode_process`), or with
+`decode_processes=false` or NVDEC in a background thread (`prefetch`). On CPU each actor has one CPU by
+default and the model one thread, so batches are decoded inline, between model calls (a decode thread
+beside torch's stalled its thread pool at every barrier: benchmarks/throughput.md).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
 
 import numpy as np
 
-from job.config import JobConfig, OutputConfig
+from job.config import Decoder, JobConfig, OutputConfig
 from job.decode import (
     BatchBuffers,
     DecodeProgress,
@@ -28,6 +30,7 @@ from job.decode import (
     keyframe_indices,
     probe,
 )
+from job.decode_process import DecodeProcess, DecodeProcessError
 from job.detect import Detector
 from job.errors import FetchError, OutputWriteError
 from job.output import OutputDir
@@ -46,7 +49,8 @@ ProgressCallback = Callable[[int, int], None]
 
 def process_task(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
                  on_progress: ProgressCallback | None = None, attempts: int = 1,
-                 cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus | Split:
+                 cache: VideoCache | None = None, *, decode_threads: int = 1,
+                 decode_process: DecodeProcess | None = None) -> VideoStatus | Split:
     """Runs a task from the pool to its final status, committing detections as it goes: a whole video
     (`Task(video)`; or, for a long one, an answer saying how to split it, nothing processed) or a segment
     of a split one. The one entry point of this module.
@@ -57,30 +61,34 @@ def process_task(task: Task, settings: JobConfig, output: OutputDir, detector: D
 
     `decode_threads`: the CPUs the decoder may use (the actor's); the model's own thread count is fixed
     apart from them (`detect.CPU_INFERENCE_THREADS`), so results never depend on the layout.
+    `decode_process`: the stream's child for `settings.decode_processes`, kept between tasks (else one
+    is started for this task).
     """
     if task.is_segment:
         return _process_segment(task, settings, output, detector, on_progress, attempts, cache,
-                               decode_threads=decode_threads)
-    return _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads)
+                               decode_threads=decode_threads, decode_process=decode_process)
+    return _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads, decode_process)
 
 
 def _process_segment(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
                     on_progress: ProgressCallback | None = None, attempts: int = 1,
-                    cache: VideoCache | None = None, *, decode_threads: int = 1) -> VideoStatus:
+                    cache: VideoCache | None = None, *, decode_threads: int = 1,
+                    decode_process: DecodeProcess | None = None) -> VideoStatus:
     """Runs the frames [task.start, task.end) of a split video, resuming after its committed parts;
     its status is recorded as the segment's (the driver merges a video's segments into its row)."""
     done = output.statuses.read_segment(task.video.video_id, task.start)
     if done is not None:  # finished by an earlier run
         done.frames_this_run = 0
         return done
-    result = _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads)
+    result = _process(task, settings, output, detector, on_progress, attempts, cache, decode_threads,
+                      decode_process)
     assert isinstance(result, VideoStatus)
     return result
 
 
 def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detector,
              on_progress: ProgressCallback | None, attempts: int, cache: VideoCache | None,
-             decode_threads: int) -> VideoStatus | Split:
+             decode_threads: int, decode_process: DecodeProcess | None) -> VideoStatus | Split:
     video = task.video
     identity = file_identity(video.path)  # before the fingerprint: a file changed in between is hashed next time
     try:
@@ -90,7 +98,7 @@ def _process(task: Task, settings: JobConfig, output: OutputDir, detector: Detec
     try:
         with cache.local_copy(video.path, content) if cache else local_copy(video.path) as path:
             return _process_local(task, path, settings, output, detector, content, on_progress, attempts,
-                                  decode_threads, identity)
+                                  decode_threads, identity, decode_process)
     except FetchError as exc:  # the object store would not give us the video
         status = _new_status(task, detector, attempts)
         status.error, status.retryable = f"cannot fetch the video: {exc}", True
@@ -108,6 +116,7 @@ def _process_local(
     attempts: int = 1,
     decode_threads: int = 1,
     identity: str | None = None,
+    decode_process: DecodeProcess | None = None,
 ) -> VideoStatus | Split:
     video = task.video
     on_progress = on_progress or (lambda done, expected: None)
@@ -138,17 +147,15 @@ def _process_local(
     committer = _PartCommitter(output, video.video_id, start, stride, settings.output, detector.class_names,
                                first, task.end)
     progress = DecodeProgress()
-    # Enough that, once the read-ahead is full, every batch is decoded into one handed back.
-    buffers = BatchBuffers(keep=settings.prefetch_batches + 3)
     failure = None
     try:
-        batches = iter_batches(path, info, batch_size=settings.batch_size, frame_stride=stride, start_frame=start,
-                               decoder=settings.decoder.value, progress=progress, threads=decode_threads,
-                               end_frame=task.end, device=detector.device, buffers=buffers)
-        for batch in prefetch(batches, settings.prefetch_batches):
-            committer.add(batch, detector(batch.frames))  # the detections are on the CPU: the frames are done with
-            buffers.give_back(batch)
-            on_progress(len(batch.frame_indices), 0)
+        with ExitStack() as stack:
+            batches, buffers = _decoded(path, info, settings, start, task.end, progress, decode_threads,
+                                        detector, decode_process, stack)
+            for batch in batches:
+                committer.add(batch, detector(batch.frames))  # the detections are on the CPU: the frames are done
+                buffers.give_back(batch)
+                on_progress(len(batch.frame_indices), 0)
         committer.flush()
     except OutputWriteError:
         raise  # not this video's fault: the run must stop and say so
@@ -156,7 +163,7 @@ def _process_local(
         failure = str(exc)
     except Exception as exc:  # a bug or a resource error: record it, keep what was committed
         log.exception("%s failed while processing", task.describe())
-        failure = f"{type(exc).__name__}: {exc}"
+        failure = str(exc) if isinstance(exc, DecodeProcessError) else f"{type(exc).__name__}: {exc}"
         status.retryable = True
 
     frame_count = progress.frames_decoded - first
@@ -178,6 +185,24 @@ def _process_local(
         if frame_count == 0 and failure is None:
             status.error = f"no frame could be decoded ({info.codec}): {damage}"
     return _finish(output, status, started, task)
+
+
+def _decoded(path: str, info: VideoInfo, settings: JobConfig, start: int, end: int | None,
+             progress: DecodeProgress, threads: int, detector: Detector, child: DecodeProcess | None,
+             stack: ExitStack) -> tuple[Iterator[FrameBatch], DecodeProcess | BatchBuffers]:
+    """The batches to detect on, decoded ahead or inline as `settings` say, and where to hand them back;
+    whatever decodes them is stopped when `stack` closes."""
+    keep = settings.prefetch_batches + 3  # once the read-ahead is full, every batch goes into one handed back
+    options = {"batch_size": settings.batch_size, "frame_stride": settings.frame_stride, "start_frame": start,
+               "decoder": settings.decoder.value, "progress": progress, "threads": threads, "end_frame": end}
+    if settings.decode_processes and settings.decoder is not Decoder.nvdec:
+        if child is None:
+            child = stack.enter_context(DecodeProcess(keep))
+        batches = stack.enter_context(closing(child.batches(path, info, **options)))
+        return batches, child
+    buffers = BatchBuffers(keep=keep)
+    decoded = iter_batches(path, info, device=detector.device, buffers=buffers, **options)
+    return stack.enter_context(closing(prefetch(decoded, settings.prefetch_batches))), buffers
 
 
 def _split(task: Task, info: VideoInfo, segment_frames: int | None, output: OutputDir,
