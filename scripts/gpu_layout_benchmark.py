@@ -41,11 +41,10 @@ from job.samples import scene, write_video
 
 SIZES = ((176, 144), (640, 272), (1280, 720))
 LAYOUTS = {
-    "1 stream x every CPU's thread (before)": ["ray.decode_streams=1"],
-    "defaults": [],
-    "1 stream per CPU": ["ray.decode_streams=2"],
-    "2 streams per CPU": ["ray.decode_streams=4"],
-    "3 streams per CPU": ["ray.decode_streams=6"],
+    "1 stream x every CPU's thread, in a thread (before)": ["ray.decode_streams=1"],
+    "defaults: a stream per CPU, in threads": [],
+    "a stream per CPU, in child processes": ["decode_processes=true"],
+    "2 streams per CPU, in child processes": ["ray.decode_streams=4", "decode_processes=true"],
 }
 
 

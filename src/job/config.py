@@ -207,10 +207,11 @@ class JobConfig:
     # inline, between model calls. null: 2 on a GPU, whose waits the decoder fills; 0 on CPU, where
     # torch's threads already use every core the actor has and a decode thread would stall them.
     prefetch_batches: int | None = None
-    # Decode ahead in a child process per decode stream instead of a thread: the model loop's Python and
-    # the decoders then stop taking turns on one GIL (benchmarks/gpu.md). null: whenever decoding ahead
-    # (prefetch_batches > 0). decoder=nvdec always decodes in the model's process (its frames are on the GPU).
-    decode_processes: Optional[bool] = None  # noqa: UP045
+    # Decode ahead (prefetch_batches > 0) in a child process per decode stream instead of a thread, so the
+    # model loop's Python and the decoders do not take turns on one GIL. Off by default: on the 2-core
+    # stand-in node it measured slower than threads (benchmarks/gpu.md); to be measured on a GPU box.
+    # decoder=nvdec always decodes in the model's process (its frames are on the GPU).
+    decode_processes: bool = False
     # Remove the detections and rows of videos whose files are gone from video_dir (else kept as `missing`).
     prune: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -450,12 +451,10 @@ def _analytics_problems(cfg: JobConfig) -> list[str]:
 def for_device(cfg: JobConfig, device_type: str) -> JobConfig:
     """A copy with the `null` defaults resolved for the device ("cpu" or "cuda") that will run the model."""
     gpu = device_type == "cuda"
-    prefetch_batches = cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if gpu else 0)
     return dataclasses.replace(
         cfg,
         batch_size=cfg.batch_size if cfg.batch_size is not None else (16 if gpu else 4),
-        prefetch_batches=prefetch_batches,
-        decode_processes=cfg.decode_processes if cfg.decode_processes is not None else prefetch_batches > 0,
+        prefetch_batches=cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if gpu else 0),
     )
 
 

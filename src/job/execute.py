@@ -172,7 +172,7 @@ class VideoWorker:
         self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
         import job.process  # noqa: F401  (imported while starting up, not on the first video)
 
-        if self.settings.decode_processes:  # they start up while the model warms up
+        if self.settings.decode_processes and self.settings.prefetch_batches > 0:  # they start up while the model warms up
             from job.decode_process import DecodeProcess
 
             for _ in range(streams):
@@ -210,7 +210,10 @@ class VideoWorker:
 
     def _decoder(self) -> DecodeProcess | None:
         """A free stream's child process, when decoding in child processes (one per stream: never empty)."""
-        return self.idle_decoders.get_nowait() if self.settings.decode_processes else None
+        try:
+            return self.idle_decoders.get_nowait()
+        except queue.Empty:  # not decoding in child processes
+            return None
 
     def close(self) -> None:
         """The run is over: drop this node's copies of object-store videos."""

@@ -1,8 +1,8 @@
 """One task (a video, or a segment of one) through decode -> detect -> commit, with resume; no Ray here.
 
 On a GPU, decoding runs ahead, so the GPU never waits on the decoder, with memory bounded by
-`prefetch_batches` batches whatever the video's length: in a child process (`decode_process`), or with
-`decode_processes=false` or NVDEC in a background thread (`prefetch`). On CPU each actor has one CPU by
+`prefetch_batches` batches whatever the video's length: in a background thread (`prefetch`), or with
+`decode_processes=true` (not NVDEC) in a child process per stream (`decode_process`). On CPU each actor has one CPU by
 default and the model one thread, so batches are decoded inline, between model calls (a decode thread
 beside torch's stalled its thread pool at every barrier: benchmarks/throughput.md).
 """
@@ -195,7 +195,7 @@ def _decoded(path: str, info: VideoInfo, settings: JobConfig, start: int, end: i
     keep = settings.prefetch_batches + 3  # once the read-ahead is full, every batch goes into one handed back
     options = {"batch_size": settings.batch_size, "frame_stride": settings.frame_stride, "start_frame": start,
                "decoder": settings.decoder.value, "progress": progress, "threads": threads, "end_frame": end}
-    if settings.decode_processes and settings.decoder is not Decoder.nvdec:
+    if settings.decode_processes and settings.prefetch_batches > 0 and settings.decoder is not Decoder.nvdec:
         if child is None:
             child = stack.enter_context(DecodeProcess(keep))
         batches = stack.enter_context(closing(child.batches(path, info, **options)))
