@@ -448,6 +448,12 @@ def _analytics_problems(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def decodes_in_child_processes(cfg: JobConfig) -> bool:
+    """Whether decoding ahead runs in child processes (`decode_processes`): only when decoding ahead,
+    and never for NVDEC, whose frames are on the model's GPU."""
+    return cfg.decode_processes and cfg.prefetch_batches > 0 and cfg.decoder is not Decoder.nvdec
+
+
 def for_device(cfg: JobConfig, device_type: str) -> JobConfig:
     """A copy with the `null` defaults resolved for the device ("cpu" or "cuda") that will run the model."""
     gpu = device_type == "cuda"

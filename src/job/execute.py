@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from job.balance import TailSizer
-from job.config import JobConfig, ModelConfig, RayConfig
+from job.config import JobConfig, ModelConfig, RayConfig, decodes_in_child_processes
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
 from job.output import OutputDir
@@ -172,7 +172,7 @@ class VideoWorker:
         self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
         import job.process  # noqa: F401  (imported while starting up, not on the first video)
 
-        if self.settings.decode_processes and self.settings.prefetch_batches > 0:  # they start up while the model warms up
+        if decodes_in_child_processes(self.settings):  # they start up while the model warms up
             from job.decode_process import DecodeProcess
 
             for _ in range(streams):

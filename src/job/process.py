@@ -19,7 +19,7 @@ from contextlib import ExitStack, closing
 
 import numpy as np
 
-from job.config import Decoder, JobConfig, OutputConfig
+from job.config import JobConfig, OutputConfig, decodes_in_child_processes
 from job.decode import (
     BatchBuffers,
     DecodeProgress,
@@ -195,7 +195,7 @@ def _decoded(path: str, info: VideoInfo, settings: JobConfig, start: int, end: i
     keep = settings.prefetch_batches + 3  # once the read-ahead is full, every batch goes into one handed back
     options = {"batch_size": settings.batch_size, "frame_stride": settings.frame_stride, "start_frame": start,
                "decoder": settings.decoder.value, "progress": progress, "threads": threads, "end_frame": end}
-    if settings.decode_processes and settings.prefetch_batches > 0 and settings.decoder is not Decoder.nvdec:
+    if decodes_in_child_processes(settings):
         if child is None:
             child = stack.enter_context(DecodeProcess(keep))
         batches = stack.enter_context(closing(child.batches(path, info, **options)))
