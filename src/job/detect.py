@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from contextlib import nullcontext
@@ -49,11 +48,20 @@ class Detections:
     labels: torch.Tensor  # int64 (N,)
 
 
-def _to_cpu(outputs: list[dict[str, torch.Tensor]], score_threshold: float, width: int, height: int,
-            scale: torch.Tensor | None) -> list[Detections]:
-    """The kept detections of a batch, each frame's: thresholded, scaled and clipped over the whole batch at
-    once and copied to the CPU in three transfers (on a GPU one wait each; per frame it was three a frame).
-    The same elementwise operations as frame by frame, so the same bits."""
+@dataclass
+class _BatchOutputs:
+    """A batch's detections on the CPU, all frames' in one tensor each, before thresholding."""
+
+    counts: list[int]  # each frame's candidates, in order
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+
+def _gather(outputs: list[dict[str, torch.Tensor]], width: int, height: int,
+            scale: torch.Tensor | None) -> _BatchOutputs:
+    """A batch's outputs scaled and clipped over the whole batch at once and copied to the CPU in three
+    transfers (on a GPU one wait each; per frame it was three a frame)."""
     counts = [len(out["scores"]) for out in outputs]
     boxes = torch.cat([out["boxes"].reshape(-1, 4) for out in outputs]).float()
     scores = torch.cat([out["scores"] for out in outputs])
@@ -62,18 +70,27 @@ def _to_cpu(outputs: list[dict[str, torch.Tensor]], score_threshold: float, widt
         boxes = boxes * scale
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    boxes, scores, labels = boxes.cpu(), scores.cpu(), labels.cpu()
+    return _BatchOutputs(counts, boxes.cpu(), scores.cpu(), labels.cpu())
+
+
+def _per_frame(batch: _BatchOutputs, score_threshold: float) -> list[Detections]:
+    """Each frame's kept detections, on the host: thresholded over the whole batch, then split by frame
+    (a few operations a batch, not a few a frame). The same elementwise operations as frame by frame, so
+    the same bits."""
     # In the scores' own precision (fp16 compares with the threshold rounded to fp16). Label 0 is the
     # background by torchvision's convention; sigmoid heads (RetinaNet, FCOS) still score it, but it
     # names no object.
-    keep = (scores >= score_threshold) & (labels > 0)
-    scores = scores.float()
-    results = []
-    for start, count in zip(itertools.accumulate([0, *counts[:-1]]), counts, strict=True):
-        mine = keep[start:start + count]
-        results.append(Detections(boxes[start:start + count][mine], scores[start:start + count][mine],
-                                  labels[start:start + count][mine]))
-    return results
+    keep = (batch.scores >= score_threshold) & (batch.labels > 0)
+    frame_of = torch.repeat_interleave(torch.arange(len(batch.counts)), torch.tensor(batch.counts, dtype=torch.int64))
+    kept = torch.bincount(frame_of[keep], minlength=len(batch.counts)).tolist()
+    boxes, scores, labels = batch.boxes[keep], batch.scores[keep].float(), batch.labels[keep]
+    return [Detections(*frame) for frame in zip(boxes.split(kept), scores.split(kept), labels.split(kept), strict=True)]
+
+
+def _to_cpu(outputs: list[dict[str, torch.Tensor]], score_threshold: float, width: int, height: int,
+            scale: torch.Tensor | None) -> list[Detections]:
+    """The kept detections of a batch, each frame's (what `Detector` does, in two steps around its lock)."""
+    return _per_frame(_gather(outputs, width, height, scale), score_threshold)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -159,16 +176,21 @@ class Detector:
         height, width = (320, 320) if self._fast_ssd else (480, 640)
         self(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8))
 
-    def __call__(self, frames: torch.Tensor) -> list[Detections]:
-        """frames: uint8 (B, H, W, 3) RGB, on the CPU or (decoded by NVDEC) on the model's device."""
-        with self._one_call_at_a_time:
-            return self._detect(frames)
-
     @torch.inference_mode()
-    def _detect(self, frames: torch.Tensor) -> list[Detections]:
-        height, width = frames.shape[1:3]
+    def __call__(self, frames: torch.Tensor) -> list[Detections]:
+        """frames: uint8 (B, H, W, 3) RGB, on the CPU or (decoded by NVDEC) on the model's device.
+
+        Only the model call and the copy of its outputs hold the lock: the host's work before (pinning a
+        batch that is not yet) and after (thresholding, splitting by frame) overlaps another stream's call.
+        """
         if self.device.type == "cuda" and frames.device.type == "cpu":  # NVDEC's are on the device already
             frames = frames.pin_memory().to(self.device, non_blocking=True)
+        with self._one_call_at_a_time:
+            outputs = self._detect(frames)
+        return _per_frame(outputs, self.score_threshold)
+
+    def _detect(self, frames: torch.Tensor) -> _BatchOutputs:
+        height, width = frames.shape[1:3]
         # uint8 -> float on the device, a frame at a time (see prepare_batch); then either our
         # batched resize+normalise (SSD) or the model's own per-image transform.
         if self._fast_ssd:
@@ -183,7 +205,7 @@ class Detector:
         if self._fast_ssd:  # boxes come back in the resized frame; scale them as torchvision would
             resized_h, resized_w = images[0].shape[-2:]
             scale = torch.tensor([width / resized_w, height / resized_h] * 2, device=frames.device)
-        return _to_cpu(outputs, self.score_threshold, width, height, scale)
+        return _gather(outputs, width, height, scale)
 
 
 def _autocast(device: torch.device, precision: str):
