@@ -78,11 +78,11 @@ def test_a_gpu_node_gives_one_actor_whose_streams_share_its_model(gpu_node, tmp_
 
     calls = [line.split() for line in gpu_calls.read_text().splitlines()]
     calls = [call for call in calls if call[1] != "640x480"]  # the warm-up batch (`Detector.warm_up`)
-    assert len({pid for pid, _, _ in calls}) == 1, "one model, in one actor"
-    assert sum(int(frames) for _, _, frames in calls) == 4 * 60
+    assert len({pid for pid, *_ in calls}) == 1, "one model, in one actor"
+    assert sum(int(frames) for _, _, frames, _ in calls) == 4 * 60
     # Two streams at once: the model's calls alternate between the large video and the small ones, where
     # one stream would give one run of calls per size.
-    sizes = [size for _, size, _ in calls]
+    sizes = [size for _, size, *_ in calls]
     runs = 1 + sum(a != b for a, b in zip(sizes, sizes[1:]))
     assert runs > 8, sizes
     assert Counter(sizes) == {"320x240": 30, "160x120": 30}  # batches of 4 from each video's own frames

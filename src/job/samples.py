@@ -131,7 +131,8 @@ class StandInAccelerator(torch.nn.Module):
     each call takes `ms_per_frame` per frame, as a kernel queue would, finding the box around the bright
     pixels of every 16th row and column (so its answers follow the frames) and waiting out the rest of that
     time without using the CPU: what it computes is the device's work, not more host time on top. With
-    `calls_log`, each call appends "pid WxH frames" to that file (which streams fed the model, in order)."""
+    `calls_log`, each call appends "pid WxH frames end" to that file (which streams fed the model, in
+    order; `end`: the Unix time the call returned)."""
 
     takes_uint8 = True  # conversion is the device's work (`detect.Detector`)
 
@@ -144,9 +145,6 @@ class StandInAccelerator(torch.nn.Module):
         import time
 
         done_at = time.monotonic() + self.ms_per_frame * len(images) / 1000
-        if self.calls_log and images:
-            with open(self.calls_log, "a") as log:
-                log.write(f"{os.getpid()} {images[0].shape[2]}x{images[0].shape[1]} {len(images)}\n")
         if not images:
             time.sleep(max(0.0, done_at - time.monotonic()))
             return []
@@ -162,6 +160,9 @@ class StandInAccelerator(torch.nn.Module):
         none = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
         score, label = torch.tensor([0.99]), torch.tensor([1])
         time.sleep(max(0.0, done_at - time.monotonic()))
+        if self.calls_log:
+            with open(self.calls_log, "a") as log:
+                log.write(f"{os.getpid()} {images[0].shape[2]}x{images[0].shape[1]} {len(images)} {time.time():.3f}\n")
         return [{"boxes": boxes[i:i + 1], "scores": score, "labels": label} if hit else none
                 for i, hit in enumerate(found)]
 
