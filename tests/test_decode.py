@@ -288,3 +288,20 @@ def test_frames_a_decoder_makes_up_for_damaged_data_never_shift_the_indices(tmp_
         indices = np.concatenate([b.frame_indices for b in batches])
         assert np.all(np.diff(indices) > 0) and indices[-1] < 200, (seed, indices[-3:])
         assert len(indices) == progress.frames_decoded
+
+
+def test_a_video_is_probed_once_until_it_changes(tmp_path, monkeypatch):
+    """A long video's segments share one probe (a probe scans every packet); a rewritten file is probed anew."""
+    from job import decode
+    from job.storage import file_identity
+
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, 10, size=(64, 48))
+    probed = []
+    monkeypatch.setattr(decode, "probe", lambda p, real=decode.probe: probed.append(p) or real(p))
+    first = decode.probe_file(path, file_identity(path))
+    assert decode.probe_file(path, file_identity(path)) is first and len(probed) == 1
+    write_video(path, 20, size=(64, 48))
+    assert decode.probe_file(path, file_identity(path)).container_frames == 20 and len(probed) == 2
+    decode.probe_file(path, None)  # nothing says the file is unchanged
+    assert len(probed) == 3

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import importlib.util
 import logging
 import os
@@ -101,6 +102,18 @@ class BatchBuffers:
         with self._lock:
             if buffer is not None and len(self._free) < self.keep:
                 self._free.append(buffer)
+
+
+def probe_file(path: str, identity: str | None) -> VideoInfo:
+    """`probe(path)`, read once for the file as it is now (`identity`: `storage.file_identity`, which any
+    change to the file changes; None: not known, read it again): each segment of a long video probes it,
+    and a probe scans every packet of the whole video."""
+    return probe(path) if identity is None else _probe_unchanged(path, identity)
+
+
+@functools.lru_cache(maxsize=16)  # a few videos' segments at once per process; a failed probe is not kept
+def _probe_unchanged(path: str, identity: str) -> VideoInfo:
+    return probe(path)
 
 
 def probe(path: str) -> VideoInfo:

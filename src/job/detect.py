@@ -84,7 +84,8 @@ def _per_frame(batch: _BatchOutputs, score_threshold: float) -> list[Detections]
     frame_of = torch.repeat_interleave(torch.arange(len(batch.counts)), torch.tensor(batch.counts, dtype=torch.int64))
     kept = torch.bincount(frame_of[keep], minlength=len(batch.counts)).tolist()
     boxes, scores, labels = batch.boxes[keep], batch.scores[keep].float(), batch.labels[keep]
-    return [Detections(*frame) for frame in zip(boxes.split(kept), scores.split(kept), labels.split(kept), strict=True)]
+    return [Detections(*frame) for frame in zip(boxes.split_with_sizes(kept), scores.split_with_sizes(kept),
+                                                labels.split_with_sizes(kept), strict=True)]
 
 
 def _to_cpu(outputs: list[dict[str, torch.Tensor]], score_threshold: float, width: int, height: int,

@@ -28,7 +28,7 @@ from job.decode import (
     VideoInfo,
     iter_batches,
     keyframe_indices,
-    probe,
+    probe_file,
 )
 from job.decode_process import DecodeProcess, DecodeProcessError
 from job.detect import Detector
@@ -125,7 +125,7 @@ def _process_local(
     status = _new_status(task, detector, attempts)
     status.fingerprint, status.file_identity = content, identity
     try:
-        info = probe(path)
+        info = probe_file(path, identity if path == video.path else None)  # a fresh local copy: probed anew
     except VideoError as exc:
         status.error = str(exc)
         return _finish(output, status, started, task)
