@@ -133,3 +133,17 @@ def test_a_child_exits_when_its_parent_is_killed_with_minus_9(tmp_path):
         assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
     finally:
         parent.kill()
+
+
+def test_waiting_until_a_child_is_up_leaves_it_nothing_to_import_on_the_first_video(tmp_path):
+    """An actor reports ready once its children have started up, so the first task does not wait on imports."""
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, 8, size=(64, 48))
+    with DecodeProcess(keep=3) as child:
+        child.start()
+        child.wait_until_up()
+        imported = {module.path for module in psutil.Process(child._child.pid).memory_maps()}
+        assert any("libavcodec" in mapped for mapped in imported), "the child has loaded PyAV"
+        assert not child._conn.poll()  # its "up" message was read, nothing else is pending
+        info = probe(path)
+        assert_same(decoded(child.batches, path, info, batch_size=4), decoded(iter_batches, path, info, batch_size=4))

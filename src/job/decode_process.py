@@ -63,6 +63,7 @@ class DecodeProcess:
         self._slot_at: dict[int, int] = {}  # a buffer's address -> its number
         self._held: set[int] = set()  # handed out by the running task, not handed back yet
         self._task = 0
+        self._up = False  # the running child has said it has imported what it needs
 
     def batches(self, path: str, info: VideoInfo, *, batch_size: int, frame_stride: int = 1, start_frame: int = 0,
                 decoder: str = "pyav", progress: DecodeProgress | None = None, threads: int = 1,
@@ -84,7 +85,9 @@ class DecodeProcess:
             while True:
                 message = self._receive()
                 kind, of_task = message[0], message[1]
-                if kind == "slot":
+                if kind == "up":
+                    self._up = True
+                elif kind == "slot":
                     self._map(message[1], message[2])
                 elif kind == "forget":
                     self._unmap(message[1])
@@ -131,6 +134,7 @@ class DecodeProcess:
                 self._child.kill()
                 self._child.wait()
         self._child = self._conn = self._buffer_fds = None
+        self._up = False
         self._slots.clear()
         self._slot_at.clear()
 
@@ -160,6 +164,16 @@ class DecodeProcess:
         child_buffer_fds.close()
         self._conn = Connection(messages.detach())
         log.info("decoding ahead in child process %d", self._child.pid)
+
+    def wait_until_up(self, timeout: float = 60.0) -> None:
+        """Returns once the child has started up (its imports take about a second), so that the first
+        task's decoding starts at once; gives up silently after `timeout` (the task then waits instead)."""
+        if self._up or not self._alive():
+            return
+        if self._conn.poll(timeout):
+            message = self._receive()
+            assert message[0] == "up", message  # the first message of every child
+            self._up = True
 
     def _alive(self) -> bool:
         return self._child is not None and self._child.poll() is None and not self._conn.closed
@@ -271,6 +285,7 @@ def _child_main(conn: Connection, buffer_fds: socket.socket, keep: int, parent_p
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     buffers = _ChildBuffers(conn, buffer_fds, keep)
     try:
+        conn.send(("up", os.getpid()))
         while True:
             message = buffers.waiting.pop(0) if buffers.waiting else conn.recv()
             if message[0] == "decode":

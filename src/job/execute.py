@@ -172,14 +172,17 @@ class VideoWorker:
         self.cache = VideoCache(Path(tempfile.gettempdir()) / f"job-video-cache-{os.getuid()}" / run_id)
         import job.process  # noqa: F401  (imported while starting up, not on the first video)
 
+        decoders = []
         if decodes_in_child_processes(self.settings):  # they start up while the model warms up
             from job.decode_process import DecodeProcess
 
-            for _ in range(streams):
-                decoder = DecodeProcess(keep=self.settings.prefetch_batches + 3)
+            decoders = [DecodeProcess(keep=self.settings.prefetch_batches + 3) for _ in range(streams)]
+            for decoder in decoders:
                 decoder.start()
                 self.idle_decoders.put(decoder)
         self.detector.warm_up(self.settings.batch_size)
+        for decoder in decoders:  # ready means ready to decode, not still importing
+            decoder.wait_until_up()
 
     def ready(self) -> tuple[str | None, ModelConfig | None, str | None]:
         """(device, the model's settings with its classes, None) once the model is loaded and warm, or
