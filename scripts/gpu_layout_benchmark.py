@@ -45,10 +45,10 @@ from job.samples import scene, write_video
 
 SIZES = ((176, 144), (640, 272), (1280, 720))
 LAYOUTS = {
-    "1 stream x every CPU's thread, in a thread (before)": ["ray.decode_streams=1"],
-    "defaults: a stream per CPU, in threads": [],
-    "a stream per CPU, in child processes": ["decode_processes=true"],
-    "2 streams per CPU, in child processes": ["ray.decode_streams=4", "decode_processes=true"],
+    "1 stream x every CPU's thread, in a thread (before)": ["ray.decode_streams=1", "decode_processes=false"],
+    "a stream per CPU, in threads": ["decode_processes=false"],
+    "defaults: a stream per CPU, in child processes": [],
+    "2 streams per CPU, in child processes": ["ray.decode_streams=4"],
 }
 
 

@@ -50,8 +50,7 @@ def gpu_node(tmp_path_factory):
 def stand_in(calls_log) -> list[str]:
     return ["model._target_=job.samples.stand_in_accelerator", "model.weights=none",
             f"+model.builder_args.calls_log={calls_log}", "+model.builder_args.ms_per_frame=2", "+model.builder_args.level=90",
-            "ray.segment_frames=null", "batch_size=4", "prefetch_batches=2",  # a GPU's read-ahead,
-            "decode_processes=true"]  # in child decoders
+            "ray.segment_frames=null", "batch_size=4", "prefetch_batches=2"]  # a GPU's read-ahead
 
 
 def detections(out) -> pl.DataFrame:

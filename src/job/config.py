@@ -208,10 +208,11 @@ class JobConfig:
     # torch's threads already use every core the actor has and a decode thread would stall them.
     prefetch_batches: int | None = None
     # Decode ahead (prefetch_batches > 0) in a child process per decode stream instead of a thread, so the
-    # model loop's Python and the decoders do not take turns on one GIL. Off by default: on the 2-core
-    # stand-in node it measured slower than threads (benchmarks/gpu.md); to be measured on a GPU box.
+    # model loop's Python and the decoders do not take turns on one GIL (two decode threads of small videos
+    # ran no faster than one). On by default: ahead of threads on the 2-core stand-in node (benchmarks/gpu.md);
+    # not yet measured on a GPU box. false: a thread of the actor per stream, as before.
     # decoder=nvdec always decodes in the model's process (its frames are on the GPU).
-    decode_processes: bool = False
+    decode_processes: bool = True
     # Remove the detections and rows of videos whose files are gone from video_dir (else kept as `missing`).
     prune: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)

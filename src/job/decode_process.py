@@ -5,9 +5,9 @@ job at 0.6x of what the same cores decode alone (benchmarks/gpu.md). A `DecodePr
 `decode.iter_batches` (the same function, so the same frames) in a child process of its own, writing
 each batch into a shared buffer (a memory file: a container's small /dev/shm is no bound); only the
 buffer's number, the frame indices and timestamps cross the pipe. A child is kept for many tasks
-(starting one imports torch and PyAV: about a second). Opt-in (`decode_processes=true`): on the 2-core
-stand-in node it ran slower than decode threads (benchmarks/gpu.md), where the children, the actor and
-Ray compete for two cores; it is meant for a many-core GPU box, where it must be measured first.
+(starting one imports torch and PyAV: about a second, waited for while the actor starts up). The default
+(`decode_processes=false` decodes in a thread instead): ahead of decode threads on the 2-core stand-in node
+(benchmarks/gpu.md), and meant for a many-core GPU box, where it is still to be measured.
 
 Buffers are owned like `decode.BatchBuffers`: the child writes into one again only once the parent has
 handed its batch back; one not handed back by the end of its task is disowned (the parent's mapping keeps

@@ -1,8 +1,8 @@
 """One task (a video, or a segment of one) through decode -> detect -> commit, with resume; no Ray here.
 
 On a GPU, decoding runs ahead, so the GPU never waits on the decoder, with memory bounded by
-`prefetch_batches` batches whatever the video's length: in a background thread (`prefetch`), or with
-`decode_processes=true` (not NVDEC) in a child process per stream (`decode_process`). On CPU each actor has one CPU by
+`prefetch_batches` batches whatever the video's length: in a child process per stream (`decode_process`; the
+default), or with `decode_processes=false` or NVDEC in a background thread (`prefetch`). On CPU each actor has one CPU by
 default and the model one thread, so batches are decoded inline, between model calls (a decode thread
 beside torch's stalled its thread pool at every barrier: benchmarks/throughput.md).
 """
