@@ -60,3 +60,18 @@ def test_the_last_video_is_cut_so_that_every_actor_ends_together():
     assert last_video_cuts(200, [190]) == []  # a 5-frame piece is not worth its start
     assert TailSizer({"v0": 200}, None, 2).size(Task(video[0]), [], running) == Task(video[0])  # never split
     assert TailSizer({"v0": 200}, 1800, 1).size(Task(video[0]), [], running) == Task(video[0])  # one actor
+
+
+def test_a_gpu_actor_is_handed_frames_unlike_those_it_holds_where_clearly_unlike():
+    from job.balance import StreamMixer
+
+    tasks = {name: Task(Video(name, f"/v/{name}.mp4", f"{name}.mp4")) for name in ("hd", "hd2", "sd", "qcif", "new")}
+    mixer = StreamMixer({"hd": 1280 * 720, "hd2": 1280 * 720, "sd": 640 * 272, "qcif": 176 * 144})
+    hd, hd2, sd, qcif, new = tasks.values()
+    assert mixer.pick([hd2, sd, qcif], [hd]) == 2  # beside a 720p stream, the smallest frames
+    assert mixer.pick([hd2, sd, qcif], [qcif]) == 0  # beside small frames, the next out: already the largest
+    assert mixer.pick([sd, hd2], [Task(Video("sd2", "/v/sd2.mp4", "sd2.mp4"))]) == 0  # a held size unknown
+    assert mixer.pick([new, qcif], [hd]) == 0  # the next out's size unknown: the order stands
+    assert mixer.pick([hd2, sd], []) == 0  # nothing held: the order stands
+    mixer.pixels_by_video["sd"] = 1000 * 700  # within twice the next out's distance: the order stands
+    assert mixer.pick([hd2, sd], [qcif]) == 0

@@ -171,13 +171,16 @@ def test_the_frame_total_and_the_units_of_work_are_known_up_front_where_containe
         return estimate_work(videos, stride, None, output).frames
 
     write_video(tmp_path / "in" / "a.mp4", 10, size=(64, 48))
-    write_video(tmp_path / "in" / "b.mp4", 7, size=(64, 48))
+    write_video(tmp_path / "in" / "b.mp4", 7, size=(96, 64))
     (tmp_path / "in" / "bad.mp4").write_bytes(b"not a video")
     cfg = make_cfg(tmp_path / "in")
     output = OutputDir(cfg.output_dir)
     plan = plan_of(cfg, output)
     assert frames_to_detect(plan.todo, 1, output) == 17
     assert frames_to_detect(plan.todo, 3, output) == 4 + 3
+    pixels = estimate_work(plan.todo, 1, None, output).pixels_by_video  # what the pool's mixer goes by
+    assert {v.relative_path: pixels.get(v.video_id) for v in plan.todo} == {"a.mp4": 64 * 48, "b.mp4": 96 * 64,
+                                                                           "bad.mp4": None}
     started = next(v for v in plan.videos if v.relative_path == "a.mp4")
     output.parts.commit(started.video_id, 0, 4, detections_frame([], [], [], [], [], []), "zstd")
     assert frames_to_detect(plan.todo, 1, output) == 7  # a resumed video's remainder comes from its worker

@@ -355,3 +355,21 @@ def test_a_task_waiting_on_an_actor_that_dies_is_no_suspect_and_loses_no_attempt
     assert bad.status == "failed" and bad.attempts == 2 and "died on this video 2 times" in bad.error
     assert all(s.status == "ok" and s.attempts == 1 for s in statuses.values()), statuses
     assert [attempt for key, attempt, _ in backend.company if key == "v0-000"] == [1, 2]  # never retried alone
+
+
+def test_a_gpu_actors_streams_are_handed_large_and_small_frames_together():
+    """Largest first alone would run both 720p videos together (the model waiting on decoding), then both
+    small ones (the decoders waiting on the model): the mixer puts a small one beside each large one, and
+    at the tail the queue's order stands."""
+    from job.balance import StreamMixer
+
+    todo = [Video(f"{name}-000", f"/v/{name}.mp4", f"{name}.mp4") for name in ("hd0", "hd1", "sd0", "sd1", "q0", "q1")]
+    pixels = {f"{name}-000": size for name, size in [("hd0", 921600), ("hd1", 921600), ("sd0", 174080),
+                                                      ("sd1", 174080), ("q0", 25344), ("q1", 25344)]}
+    backend = StreamsBackend()
+    statuses = run(ActorPool(["gpu"], backend, 3, lambda s: None, streams=2, mixer=StreamMixer(pixels)), todo)
+    assert len(statuses) == 6 and all(s.status == "ok" for s in statuses.values())
+    assert [task.key for task in backend.submitted[:2]] == ["hd0-000", "q0-000"]
+    plain = StreamsBackend()
+    run(ActorPool(["gpu"], plain, 3, lambda s: None, streams=2), todo)
+    assert [task.key for task in plain.submitted[:2]] == ["hd0-000", "hd1-000"]  # without sizes: the order

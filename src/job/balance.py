@@ -1,4 +1,5 @@
-"""How the pool cuts the videos it hands out, so that the actors finish together (`TailSizer`).
+"""How the pool cuts the videos it hands out, so that the actors finish together (`TailSizer`), and which
+task a stream of a GPU actor takes next, so that its model and its decoders are busy at once (`StreamMixer`).
 
 Only the last videos are cut short: a cut away from a keyframe decodes from the keyframe before it, and
 splitting costs a round trip, so videos run whole while the work still queued gives every actor more.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from job.segments import Task
 from job.status import VideoStatus
@@ -16,6 +18,9 @@ from job.status import VideoStatus
 # its own start (opening the file, scanning its packets, seeking) weighs next to detecting its frames.
 UNITS_PER_ACTOR = 4
 MIN_SEGMENT_FRAMES = 120
+# How far down the queue (next out first) a GPU actor's next task is looked for: beyond it the order stays
+# the plan's (largest first), and the choice costs the same however many videos are queued.
+MIX_WINDOW = 16
 # The last video's pieces are sized to fill each actor up to the same end, so shorter ones pay: a piece
 # idles an actor for as long as it takes to detect, and starting one costs far less than 30 frames.
 MIN_TAIL_PIECE_FRAMES = 30
@@ -92,3 +97,31 @@ class TailSizer:
             queued_frames += self.frames(other)
         return dataclasses.replace(task, segment_frames=tail_segment_frames(self.segment_frames, video_frames,
                                                                             queued_frames, self.actors))
+
+
+class StreamMixer:
+    """The pool's `mixer`: a GPU actor's next task is the one (among the next `MIX_WINDOW` queued) whose
+    frames are least like those of the tasks it already holds, in pixels a frame (the containers' headers:
+    `WorkEstimate.pixels_by_video`).
+
+    Why: a stream decoding small frames feeds the model faster than it can run (the model's time goes by
+    frames), one decoding large frames keeps a CPU busy while the model waits (the decoder's time goes
+    by pixels). Largest first, a mixed bucket would run all its large videos together, the model idle,
+    then all its small ones, the CPUs idle (benchmarks/gpu.md); held together, each fills the other's waits.
+    """
+
+    def __init__(self, pixels_by_video: dict[str, int]) -> None:
+        self.pixels_by_video = pixels_by_video
+
+    def pick(self, candidates: Sequence[Task], held: Sequence[Task]) -> int:
+        """The index in `candidates` (next out first) to hand an actor holding `held`: the next out, unless
+        sizes are known and another differs from the held tasks' at least twice as much (on a log scale:
+        4x the pixels is as far as a quarter)."""
+        held_sizes = [self.pixels_by_video.get(task.video.video_id) for task in held]
+        sizes = [self.pixels_by_video.get(task.video.video_id) for task in candidates]
+        if not held_sizes or not all(held_sizes) or not sizes or sizes[0] is None:
+            return 0
+        middle = sum(math.log2(size) for size in held_sizes) / len(held_sizes)
+        distances = [abs(math.log2(size) - middle) if size else -1.0 for size in sizes]
+        farthest = max(range(len(distances)), key=distances.__getitem__)  # the first of equals
+        return farthest if distances[farthest] >= distances[0] + 1.0 else 0

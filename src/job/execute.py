@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from job.balance import TailSizer
+from job.balance import StreamMixer, TailSizer
 from job.config import JobConfig, ModelConfig, RayConfig, decodes_in_child_processes
 from job.discover import Video
 from job.errors import ConfigError, JobError, OutputWriteError, WorkersCannotStartError, first_line
@@ -349,7 +349,8 @@ class ActorRun:
                              stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams, ahead=TASKS_AHEAD,
                              starting=set(range(len(actors))) - {first},
                              sizer=TailSizer(self.headers.estimate.frames_by_video, cfg.ray.segment_frames,
-                                             layout.count * layout.streams))
+                                             layout.count * layout.streams),
+                             mixer=StreamMixer(self.headers.estimate.pixels_by_video))
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
                 yield status

@@ -97,6 +97,7 @@ class WorkEstimate:
     frames: int  # frames to detect, for the progress bar's total up front
     units: int  # videos plus the extra segments long ones will be cut into: how many actors can be busy
     frames_by_video: dict[str, int] = field(default_factory=dict)  # video_id -> the container's frame count
+    pixels_by_video: dict[str, int] = field(default_factory=dict)  # video_id -> width x height of its frames
 
 
 def estimate_work(videos: list[Video], frame_stride: int, segment_frames: int | None,
@@ -145,9 +146,13 @@ def _count_header(estimate: WorkEstimate, video: Video, frame_stride: int, segme
         return
     try:
         with av.open(video.path, metadata_errors="replace") as container:  # as decode.METADATA_ERRORS
-            count = container.streams.video[0].frames if container.streams.video else 0
+            stream = container.streams.video[0] if container.streams.video else None
+            count = stream.frames if stream else 0
+            pixels = stream.codec_context.width * stream.codec_context.height if stream else 0
     except Exception:  # noqa: BLE001 - a bad file is the worker's to report
         return
+    if pixels:
+        estimate.pixels_by_video[video.video_id] = pixels
     if count:
         estimate.frames_by_video[video.video_id] = count
     if segment_frames:  # the pieces the pool may cut it into (`TailSizer`): the last videos are cut short

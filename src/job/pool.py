@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from job.balance import MIX_WINDOW
 from job.discover import Video
 from job.errors import WorkersCannotStartError
 from job.segments import Split, Task, merge
@@ -41,6 +42,13 @@ class Backend(Protocol):
         """Kill a (hung) actor so that its call fails as ActorDied and the actor restarts."""
     def result(self, ref: Ref) -> Any:
         """The call's value; raises ActorDied or CallFailed."""
+
+
+class Mixer:
+    """Hands tasks out in the queue's order (balance.StreamMixer picks by frame size)."""
+
+    def pick(self, candidates: list[Task], held: list[Task]) -> int:
+        return 0
 
 
 class Sizer:
@@ -82,13 +90,15 @@ class ActorPool:
     is done. An actor that died is pinged until it answers again (Ray restarts it) and then takes work
     again; one that has not answered after `max_pings` pings is dropped. A task that killed its actor
     `max_attempts` times is given up as failed (a video's row is `record`ed; workers record the others).
-    A `sizer` sets how each whole video handed out is cut, from the tasks queued and running.
+    A `sizer` sets how each whole video handed out is cut, from the tasks queued and running. An actor
+    with several streams takes the queued task its `mixer` picks from the next few, given the tasks it
+    holds; at the tail (no more queued than the actors hold) always the next.
     """
 
     def __init__(self, actors: list[Any], backend: Backend, max_attempts: int,
                  record: Callable[[VideoStatus], None], max_pings: int = 300, ping_interval_s: float = 0.2,
                  stall_timeout_s: float | None = None, sizer: Sizer | None = None, streams: int = 1,
-                 starting: set[int] | None = None, ahead: int = 0) -> None:
+                 starting: set[int] | None = None, ahead: int = 0, mixer: Mixer | None = None) -> None:
         """`starting`: indices of actors still loading their model; each takes work once it answers a
         health check, so the others need not wait for the slowest to start."""
         self.backend, self.max_attempts, self.record = backend, max_attempts, record
@@ -96,6 +106,7 @@ class ActorPool:
         self.slots = streams + ahead  # tasks an actor holds: running, or waiting for one of its streams
         self.waiting: set[Ref] = set()  # handed out, waiting on their actor for a stream
         self.sizer = sizer or Sizer()
+        self.mixer = mixer or Mixer()
         self.stall_timeout_s = stall_timeout_s
         self.started_at: dict[Ref, float] = {}
         self.killed: set[Ref] = set()
@@ -157,7 +168,7 @@ class ActorPool:
                     actor = self.idle.pop()
                 else:
                     self.idle.remove(actor)
-            task = self.queue.pop()
+            task = self._next_task(actor, alone)
             if not task.is_segment:
                 now = time.monotonic()
                 task = self.sizer.size(task, self.queue,
@@ -168,6 +179,20 @@ class ActorPool:
                 self.waiting.add(ref)
             self.running[ref] = _Call(task, actor, self.lives[actor], self.slots if alone else 1)
             self.started_at[ref] = time.monotonic()
+
+    def _next_task(self, actor: int, alone: bool) -> Task:
+        """The next out, or for an actor with several streams the mixer's pick among the next few: never a
+        task to be retried alone, and not at the tail, where the order (the last video's pieces) balances
+        the actors' ends."""
+        if alone or self.streams < 2 or len(self.queue) <= len(self.actors) * self.slots:
+            return self.queue.pop()
+        window = [task for task in reversed(self.queue[-MIX_WINDOW:]) if task.key not in self.alone]
+        held = [call.task for call in self.running.values() if call.actor == actor]
+        chosen = window[self.mixer.pick(window, held)] if window else self.queue[-1]
+        for index in range(len(self.queue) - 1, -1, -1):  # within the window: a few steps
+            if self.queue[index] is chosen:
+                return self.queue.pop(index)
+        raise AssertionError("the chosen task is queued")
 
     def _streams_in_use(self, actor: int) -> int:
         return sum(1 for ref, call in self.running.items() if call.actor == actor and ref not in self.waiting)
