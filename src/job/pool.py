@@ -186,13 +186,11 @@ class ActorPool:
         the actors' ends."""
         if alone or self.streams < 2 or len(self.queue) <= len(self.actors) * self.slots:
             return self.queue.pop()
-        window = [task for task in reversed(self.queue[-MIX_WINDOW:]) if task.key not in self.alone]
+        # Queue positions, next out first; queue[-1] is no alone retry (else `alone`), so there is one at least.
+        window = [i for i in range(len(self.queue) - 1, max(-1, len(self.queue) - 1 - MIX_WINDOW), -1)
+                  if self.queue[i].key not in self.alone]
         held = [call.task for call in self.running.values() if call.actor == actor]
-        chosen = window[self.mixer.pick(window, held)] if window else self.queue[-1]
-        for index in range(len(self.queue) - 1, -1, -1):  # within the window: a few steps
-            if self.queue[index] is chosen:
-                return self.queue.pop(index)
-        raise AssertionError("the chosen task is queued")
+        return self.queue.pop(window[self.mixer.pick([self.queue[i] for i in window], held)])
 
     def _streams_in_use(self, actor: int) -> int:
         return sum(1 for ref, call in self.running.items() if call.actor == actor and ref not in self.waiting)
