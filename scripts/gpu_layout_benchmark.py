@@ -184,20 +184,28 @@ def main() -> None:
     parser.add_argument("--ms-per-frame", type=float, default=0.2, help="the stand-in accelerator's cost")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--videos", type=Path, help="keep the generated videos here and reuse them when there "
+                        "(made with the same --frames and --per-size)")
+    parser.add_argument("--only", action="append", help="run only the layouts whose name contains this (repeatable)")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="gpu-layout-"))
-    total = make_videos(work / "videos", args.frames, args.per_size)
-    videos = sorted(str(p) for p in (work / "videos").glob("*.mp4"))
+    video_dir = args.videos or work / "videos"
+    if not list(video_dir.glob("*.mp4")):
+        make_videos(video_dir, args.frames, args.per_size)
+    videos = sorted(str(p) for p in video_dir.glob("*.mp4"))
+    total = sum(probe(path).container_frames for path in videos)
+    layouts = {name: overrides for name, overrides in LAYOUTS.items()
+               if not args.only or any(part in name for part in args.only)}
     figures: dict[str, list[float]] = {}
     with GpuNode(cpus) as node:
         for round_ in range(args.rounds):
             figures.setdefault(f"decode alone, {cpus} processes x 1 thread", []).append(decode_alone(videos, cpus, 1))
             figures.setdefault(f"decode alone, 1 process x {cpus} threads", []).append(decode_alone(videos, 1, cpus))
-            for name, overrides in LAYOUTS.items():
+            for name, overrides in layouts.items():
                 out = work / f"out-{round_}-{list(LAYOUTS).index(name)}"
                 calls_log = work / "calls.txt" if round_ == args.rounds - 1 and not overrides else None
-                rate, rows = run_job(node, work / "videos", out, args.ms_per_frame, overrides, calls_log)
+                rate, rows = run_job(node, video_dir, out, args.ms_per_frame, overrides, calls_log)
                 assert rows == len(videos), rows
                 figures.setdefault(f"job, {name}", []).append(rate)
             for size, speedup in threads_scaling(videos).items():
@@ -218,8 +226,9 @@ def main() -> None:
     lines += ["", "Decoding two videos of a size in two threads of one process, against one after another "
               "(2.0x: the threads never wait for each other):", ""]
     lines += [f"- {name.split(' videos')[0].removeprefix('two ')}: {value:.2f}x" for name, value in speedups.items()]
-    lines += ["", "Frames detected in each second of the last round's run of the defaults (the stand-in's call "
-              "log):", "", *timeline(work / "calls.txt")]
+    if (work / "calls.txt").exists():
+        lines += ["", "Frames detected in each second of the last round's run of the defaults (the stand-in's "
+                  "call log):", "", *timeline(work / "calls.txt")]
     publish(lines + [""], args.out)
 
 

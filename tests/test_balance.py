@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from job.balance import MIN_SEGMENT_FRAMES, TailSizer, last_video_cuts, tail_segment_frames
@@ -75,3 +77,24 @@ def test_a_gpu_actor_is_handed_frames_unlike_those_it_holds_where_clearly_unlike
     assert mixer.pick([hd2, sd], []) == 0  # nothing held: the order stands
     mixer.pixels_by_video["sd"] = 1000 * 700  # within twice the next out's distance: the order stands
     assert mixer.pick([hd2, sd], [qcif]) == 0
+
+
+def test_a_held_video_that_will_come_back_split_does_not_count_as_holding_a_stream():
+    """A small video handed out beside a 720p one is long, so it comes back at once as segments: the task
+    held ahead should be small too, not the second 720p video (both streams would decode large frames)."""
+    from job.balance import StreamMixer
+
+    hd, hd2, qcif, qcif2 = (Task(Video(name, f"/v/{name}.mp4", f"{name}.mp4")) for name in ("hd", "hd2", "q", "q2"))
+    pixels = {"hd": 1280 * 720, "hd2": 1280 * 720, "q": 176 * 144, "q2": 176 * 144}
+    frames = {"hd": 1000, "hd2": 1000, "q": 6000, "q2": 6000}
+    mixer = StreamMixer(pixels, frames)
+    long_qcif = dataclasses.replace(qcif, segment_frames=1800)  # as the sizer hands it out: 6000 >= 1.5 x 1800
+    assert mixer.comes_back_split(long_qcif)
+    assert mixer.pick([hd2, qcif2], [hd, long_qcif]) == 1  # as if only the 720p one were held
+    assert StreamMixer(pixels).pick([hd2, qcif2], [hd, long_qcif]) == 0  # lengths unknown: it counts
+    short = dataclasses.replace(qcif, segment_frames=5000)  # 6000 < 1.5 x 5000: runs whole, holds its stream
+    assert not mixer.comes_back_split(short)
+    assert mixer.pick([hd2, qcif2], [hd, short]) == 0  # 720p and 176x144 held: the next out stands
+    assert mixer.comes_back_split(dataclasses.replace(hd, cuts=(500,)))  # the last video's uneven pieces
+    assert not mixer.comes_back_split(Task(qcif.video, 0, 3000))  # a segment is decoded, never split again
+    assert mixer.pick([hd2, qcif2], [long_qcif]) == 0  # nothing held that counts: the order stands

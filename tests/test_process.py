@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
+import torch
 from media import cut_without_reencoding, overwrite_middle
 
 from job import layout
@@ -262,3 +264,99 @@ def test_a_whole_video_task_is_cut_as_the_pool_sized_it(tmp_path, make_cfg, dete
     assert answer(Task(video, segment_frames=20), "even").bounds == (0, 20, 40, 60)
     assert answer(Task(video, cuts=(38,)), "uneven").bounds == (0, 40, 60)  # keyframe 40 is 2 frames away
     assert answer(Task(video, segment_frames=20, cuts=()), "whole").frame_count == 60  # cuts win
+
+
+class RecordingDetector:
+    """`Detector`'s calling convention, logging when each batch goes in and when its answer is taken."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.log: list[str] = []
+        self.fail_on = fail_on
+
+    def detect_batch(self, frames):
+        self.log.append(f"call {frames}")
+        return [frames]
+
+    def submit(self, frames):
+        self.log.append(f"submit {frames}")
+        detector = self
+
+        class Pending:
+            def result(self):
+                detector.log.append(f"result {frames}")
+                if frames == detector.fail_on:
+                    raise RuntimeError("the model failed")
+                return [frames]
+
+            def wait(self):
+                detector.log.append(f"wait {frames}")
+
+        return Pending()
+
+
+def test_decoding_ahead_keeps_the_next_batch_in_the_model_while_the_last_is_committed():
+    from job.decode import FrameBatch
+    from job.process import _detected
+
+    def batches(count):
+        for i in range(count):
+            yield FrameBatch(np.array([i]), np.array([0.0]), i)
+
+    ahead = RecordingDetector()
+    for batch, detections in _detected(batches(3), ahead, ahead=True):
+        ahead.log.append(f"commit {batch.frames}")
+        assert detections == [batch.frames]
+    assert ahead.log == ["submit 0", "submit 1", "result 0", "commit 0", "submit 2", "result 1", "commit 1",
+                         "result 2", "commit 2"]
+    inline = RecordingDetector()
+    assert [d for _, d in _detected(batches(2), inline, ahead=False)] == [[0], [1]]
+    assert inline.log == ["call 0", "call 1"]  # on CPU: one at a time, on the caller's thread
+
+    failing = RecordingDetector(fail_on=1)  # the model fails on batch 1 while batch 2 is in it
+    with pytest.raises(RuntimeError, match="the model failed"):
+        for _ in _detected(batches(4), failing, ahead=True):
+            pass
+    assert failing.log[-2:] == ["result 1", "wait 2"]  # batch 2's frames are not let go while the model reads them
+
+
+def test_submitted_batches_from_several_streams_get_their_own_detections(detector, decoded_frames_for_streams):
+    import threading
+
+    first, second = decoded_frames_for_streams
+    expected = {id(first): detector.detect_batch(first), id(second): detector.detect_batch(second)}
+    got, errors = {}, []
+
+    def stream(frames):
+        try:
+            pending = [detector.submit(frames) for _ in range(3)]  # queued with the other stream's
+            got[id(frames)] = [p.result() for p in pending]
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(frames,)) for frames in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(got) == 2
+    for key, answers in got.items():
+        for answer in answers:
+            assert answer.counts == expected[key].counts
+            assert torch.equal(answer.boxes, expected[key].boxes) and torch.equal(answer.scores, expected[key].scores)
+    assert sum(expected[id(first)].counts) > 0  # the frames have something to find
+    # Frame by frame, the same as `detector(frames)`.
+    assert [len(d.boxes) for d in detector(first)] == expected[id(first)].counts
+
+
+@pytest.fixture(scope="module")
+def decoded_frames_for_streams(tmp_path_factory):
+    """Two batches of real decoded frames, of two sizes."""
+    from job.decode import iter_batches, probe
+
+    directory = tmp_path_factory.mktemp("streams")
+    batches = []
+    for size in ((320, 240), (256, 192)):
+        path = directory / f"{size[0]}.mp4"
+        write_video(path, 4, size=size)
+        batches.append(next(iter(iter_batches(str(path), probe(str(path)), batch_size=4))).frames.clone())
+    return batches

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from job.segments import Task
+from job.segments import Task, is_long
 from job.status import VideoStatus
 
 # Enough units of work per actor that the last ones end close together, but no segment so short that
@@ -110,14 +110,18 @@ class StreamMixer:
     then all its small ones, the CPUs idle (benchmarks/gpu.md); held together, each fills the other's waits.
     """
 
-    def __init__(self, pixels_by_video: dict[str, int]) -> None:
+    def __init__(self, pixels_by_video: dict[str, int], frames_by_video: dict[str, int] | None = None) -> None:
         self.pixels_by_video = pixels_by_video
+        self.frames_by_video = frames_by_video or {}
 
     def pick(self, candidates: Sequence[Task], held: Sequence[Task]) -> int:
         """The index in `candidates` (next out first) to hand an actor holding `held`: the next out, unless
         sizes are known and another differs from the held tasks' at least twice as much (on a log scale:
-        4x the pixels is as far as a quarter)."""
-        held_sizes = [self.pixels_by_video.get(task.video.video_id) for task in held]
+        4x the pixels is as far as a quarter). A held whole video that will come back split holds its
+        stream only for a moment, so its size does not count (else the task held ahead beside a small
+        video about to split would be a second large one, and both streams would decode large frames)."""
+        held_sizes = [self.pixels_by_video.get(task.video.video_id) for task in held
+                      if not self.comes_back_split(task)]
         sizes = [self.pixels_by_video.get(task.video.video_id) for task in candidates]
         if not held_sizes or not all(held_sizes) or not sizes or sizes[0] is None:
             return 0
@@ -125,3 +129,12 @@ class StreamMixer:
         distances = [abs(math.log2(size) - middle) if size else -1.0 for size in sizes]
         farthest = max(range(len(distances)), key=distances.__getitem__)  # the first of equals
         return farthest if distances[farthest] >= distances[0] + 1.0 else 0
+
+    def comes_back_split(self, task: Task) -> bool:
+        """Whether a whole video, as the sizer cut it, is answered with its segments instead of decoded."""
+        if task.is_segment:
+            return False
+        if task.cuts:
+            return True
+        frames = self.frames_by_video.get(task.video.video_id)
+        return frames is not None and task.segment_frames is not None and is_long(frames, task.segment_frames)

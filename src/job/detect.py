@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as concurrent_wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -73,19 +75,39 @@ def _gather(outputs: list[dict[str, torch.Tensor]], width: int, height: int,
     return _BatchOutputs(counts, boxes.cpu(), scores.cpu(), labels.cpu())
 
 
-def _per_frame(batch: _BatchOutputs, score_threshold: float) -> list[Detections]:
-    """Each frame's kept detections, on the host: thresholded over the whole batch, then split by frame
-    (a few operations a batch, not a few a frame). The same elementwise operations as frame by frame, so
-    the same bits."""
+@dataclass
+class BatchDetections:
+    """A batch's kept detections, on the CPU, all frames' in one tensor each (frame by frame: `frames()`).
+
+    What the job commits: a batch's rows are a few array operations, where a `Detections` object and three
+    conversions a frame cost the model's process more host time than a fast model's call (benchmarks/gpu.md)."""
+
+    counts: list[int]  # each frame's kept detections, in order
+    boxes: torch.Tensor  # float32 (N, 4) x1 y1 x2 y2
+    scores: torch.Tensor  # float32 (N,)
+    labels: torch.Tensor  # int64 (N,)
+
+    def frames(self) -> list[Detections]:
+        return [Detections(*frame) for frame in zip(self.boxes.split_with_sizes(self.counts),
+                                                    self.scores.split_with_sizes(self.counts),
+                                                    self.labels.split_with_sizes(self.counts), strict=True)]
+
+
+def _kept(batch: _BatchOutputs, score_threshold: float) -> BatchDetections:
+    """A batch's kept detections, on the host: thresholded over the whole batch at once. The same
+    elementwise operations as frame by frame, so the same bits."""
     # In the scores' own precision (fp16 compares with the threshold rounded to fp16). Label 0 is the
     # background by torchvision's convention; sigmoid heads (RetinaNet, FCOS) still score it, but it
     # names no object.
     keep = (batch.scores >= score_threshold) & (batch.labels > 0)
     frame_of = torch.repeat_interleave(torch.arange(len(batch.counts)), torch.tensor(batch.counts, dtype=torch.int64))
     kept = torch.bincount(frame_of[keep], minlength=len(batch.counts)).tolist()
-    boxes, scores, labels = batch.boxes[keep], batch.scores[keep].float(), batch.labels[keep]
-    return [Detections(*frame) for frame in zip(boxes.split_with_sizes(kept), scores.split_with_sizes(kept),
-                                                labels.split_with_sizes(kept), strict=True)]
+    return BatchDetections(kept, batch.boxes[keep], batch.scores[keep].float(), batch.labels[keep])
+
+
+def _per_frame(batch: _BatchOutputs, score_threshold: float) -> list[Detections]:
+    """Each frame's kept detections (`_kept`, split by frame)."""
+    return _kept(batch, score_threshold).frames()
 
 
 def _to_cpu(outputs: list[dict[str, torch.Tensor]], score_threshold: float, width: int, height: int,
@@ -171,6 +193,9 @@ class Detector:
         self._autocast = _autocast(self.device, precision)
         self._takes_uint8 = bool(getattr(model, "takes_uint8", False))
         self._one_call_at_a_time = threading.Lock()
+        self._model_loop: ThreadPoolExecutor | None = None  # `submit`'s: started on its first call
+        # Host-to-device copies run on a stream of their own, beside the model's kernels on the default one.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def warm_up(self, batch_size: int) -> None:
         """One throw-away batch: oneDNN/cuDNN pick their kernels on the first call, not on a real video."""
@@ -184,22 +209,66 @@ class Detector:
         Only the model call and the copy of its outputs hold the lock: the host's work before (pinning a
         batch that is not yet) and after (thresholding, splitting by frame) overlaps another stream's call.
         """
-        if self.device.type == "cuda" and frames.device.type == "cpu":  # NVDEC's are on the device already
-            frames = frames.pin_memory().to(self.device, non_blocking=True)
-        with self._one_call_at_a_time:
-            outputs = self._detect(frames)
-        return _per_frame(outputs, self.score_threshold)
+        return self.detect_batch(frames).frames()
 
-    def _detect(self, frames: torch.Tensor) -> _BatchOutputs:
+    @torch.inference_mode()
+    def detect_batch(self, frames: torch.Tensor) -> BatchDetections:
+        """`__call__`'s detections, all frames' together: what the job commits."""
+        frames, copied = self._to_device(frames)
+        with self._one_call_at_a_time:
+            outputs = self._detect(frames, copied)
+        return _kept(outputs, self.score_threshold)
+
+    def submit(self, frames: torch.Tensor) -> PendingDetections:
+        """Starts detecting `frames` (as `__call__` does) on the model's own thread and returns at once, so
+        that the caller prepares its next batch, and keeps what it did with the last, while the model runs.
+
+        Calls run one at a time in the order submitted, from any number of decode streams (the fan-in to
+        one model loop); a batch's frames are read until its detections are `result()`ed.
+        """
+        if self._model_loop is None:
+            with self._one_call_at_a_time:
+                if self._model_loop is None:
+                    self._model_loop = ThreadPoolExecutor(1, thread_name_prefix="model")
+        frames, copied = self._to_device(frames)
+        return PendingDetections(self._model_loop.submit(self._detect_locked, frames, copied), self.score_threshold)
+
+    def close(self) -> None:
+        """Stops the model's thread once the calls submitted have run."""
+        if self._model_loop is not None:
+            self._model_loop.shutdown(wait=True)
+
+    @torch.inference_mode()
+    def _detect_locked(self, frames: torch.Tensor, copied: torch.cuda.Event | None) -> _BatchOutputs:
+        with self._one_call_at_a_time:
+            return self._detect(frames, copied)
+
+    def _to_device(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A CPU batch bound for a GPU crosses on the copy stream (pinned: `BatchBuffers` pins what it hands
+        a GPU worker; a child process's buffer is pinned here), overlapping the model's call on another
+        batch; the event says when it has landed. NVDEC's frames are on the device already."""
+        if self.device.type != "cuda" or frames.device.type != "cpu":
+            return frames, None
+        host = frames if frames.is_pinned() else frames.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            on_device = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return on_device, copied
+
+    def _detect(self, frames: torch.Tensor, copied: torch.cuda.Event | None = None) -> _BatchOutputs:
+        if copied is not None:  # the model's stream waits for the copy; the copy's memory is the model's now
+            torch.cuda.current_stream(self.device).wait_event(copied)
+            frames.record_stream(torch.cuda.current_stream(self.device))
         height, width = frames.shape[1:3]
         # uint8 -> float on the device, a frame at a time (see prepare_batch); then either our
         # batched resize+normalise (SSD) or the model's own per-image transform.
         if self._fast_ssd:
             images = list(prepare_batch(self.model, frames))
         elif self._takes_uint8:
-            images = [f.permute(2, 0, 1) for f in frames]
+            images = list(frames.permute(0, 3, 1, 2).unbind(0))  # one call, not a Python step a frame
         else:
-            images = [f.permute(2, 0, 1).float().div_(255.0) for f in frames]
+            images = [f.float().div_(255.0) for f in frames.permute(0, 3, 1, 2).unbind(0)]
         with self._autocast:
             outputs = self.model(images)
         scale = None
@@ -207,6 +276,22 @@ class Detector:
             resized_h, resized_w = images[0].shape[-2:]
             scale = torch.tensor([width / resized_w, height / resized_h] * 2, device=frames.device)
         return _gather(outputs, width, height, scale)
+
+
+class PendingDetections:
+    """A submitted batch's detections, still being found (`Detector.submit`)."""
+
+    def __init__(self, outputs: Future, score_threshold: float) -> None:
+        self._outputs, self._score_threshold = outputs, score_threshold
+
+    def result(self) -> BatchDetections:
+        """Waits for the model; raises what it raised. Thresholding runs here, on the caller's thread,
+        beside the model's next call."""
+        return _kept(self._outputs.result(), self._score_threshold)
+
+    def wait(self) -> None:
+        """Waits for the model without looking at its answer (a task stopping early)."""
+        concurrent_wait([self._outputs])
 
 
 def _autocast(device: torch.device, precision: str):
@@ -217,4 +302,4 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["Detections", "Detector", "fold_batchnorm", "resolve_device", "set_score_threshold"]
+__all__ = ["BatchDetections", "Detections", "Detector", "PendingDetections", "fold_batchnorm", "resolve_device", "set_score_threshold"]

@@ -222,6 +222,7 @@ class VideoWorker:
         """The run is over: drop this node's copies of object-store videos."""
         if self.startup_error is None:
             self.cache.clear()
+            self.detector.close()
         while not self.idle_decoders.empty():
             self.idle_decoders.get_nowait().close()
 
@@ -350,7 +351,8 @@ class ActorRun:
                              starting=set(range(len(actors))) - {first},
                              sizer=TailSizer(self.headers.estimate.frames_by_video, cfg.ray.segment_frames,
                                              layout.count * layout.streams),
-                             mixer=StreamMixer(self.headers.estimate.pixels_by_video))
+                             mixer=StreamMixer(self.headers.estimate.pixels_by_video,
+                                                self.headers.estimate.frames_by_video))
             for status in pool.run(todo, tick=update_bar):
                 videos_done += 1
                 yield status

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,11 +122,19 @@ def detections_frame(
     class_names: list[str],
 ) -> pl.DataFrame:
     """Flatten per-frame detections into prediction rows."""
-    counts = [len(s) for s in scores]
+    if not scores:
+        return pl.DataFrame(schema=PREDICTION_SCHEMA)
+    return detection_rows(frame_indices, timestamps_s, [len(s) for s in scores], np.concatenate(boxes),
+                          np.concatenate(scores), np.concatenate(labels), class_names)
+
+
+def detection_rows(frame_indices: Iterable[int], timestamps_s: Iterable[float], counts: Sequence[int],
+                   boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, class_names: list[str]) -> pl.DataFrame:
+    """Prediction rows from frames' detections laid end to end (`counts[i]` of them frame i's)."""
     if sum(counts) == 0:
         return pl.DataFrame(schema=PREDICTION_SCHEMA)
-    box = np.concatenate(boxes).reshape(-1, 4)
-    label = np.concatenate(labels).astype(np.int64)
+    box = boxes.reshape(-1, 4)
+    label = labels.astype(np.int64)
     # class_names[i] names label i + 1 (label 0 is the background); a plug-in's stray label gets class_<id>.
     lookup = np.asarray(["__background__", *class_names,
                          *(f"class_{i}" for i in range(len(class_names) + 1, int(label.max(initial=0)) + 1))],
@@ -138,7 +146,7 @@ def detections_frame(
             "timestamp_s": np.repeat(np.fromiter(timestamps_s, dtype=np.float64), counts),
             "class_id": label,
             "class_name": names.tolist(),
-            "score": np.concatenate(scores).astype(np.float32),
+            "score": scores.astype(np.float32),
             "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3],
         },
         schema=PREDICTION_SCHEMA,

@@ -14,10 +14,12 @@ import math
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 
 import numpy as np
+import torch
 
 from job.config import JobConfig, OutputConfig, decodes_in_child_processes
 from job.decode import (
@@ -31,10 +33,10 @@ from job.decode import (
     probe_file,
 )
 from job.decode_process import DecodeProcess, DecodeProcessError
-from job.detect import Detector
+from job.detect import BatchDetections, Detector, PendingDetections
 from job.errors import FetchError, OutputWriteError
 from job.output import OutputDir
-from job.parts import detections_frame
+from job.parts import detection_rows
 from job.prefetch import prefetch
 from job.segments import Split, Task, cut_points, snap_cuts
 from job.status import VideoStatus
@@ -152,8 +154,9 @@ def _process_local(
         with ExitStack() as stack:
             batches, buffers = _decoded(path, info, settings, start, task.end, progress, decode_threads,
                                         detector, decode_process, stack)
-            for batch in batches:
-                committer.add(batch, detector(batch.frames))  # the detections are on the CPU: the frames are done
+            detected = stack.enter_context(closing(_detected(batches, detector, ahead=settings.prefetch_batches > 0)))
+            for batch, detections in detected:
+                committer.add(batch, detections)  # the detections are on the CPU: the frames are done
                 buffers.give_back(batch)
                 on_progress(len(batch.frame_indices), 0)
         committer.flush()
@@ -205,6 +208,31 @@ def _decoded(path: str, info: VideoInfo, settings: JobConfig, start: int, end: i
     return stack.enter_context(closing(prefetch(decoded, settings.prefetch_batches))), buffers
 
 
+def _detected(batches: Iterator[FrameBatch], detector: Detector,
+              ahead: bool) -> Iterator[tuple[FrameBatch, BatchDetections]]:
+    """Each batch with its detections, in order. `ahead` (decoding ahead, as on a GPU): a batch is submitted
+    to the model before the one before it is handed back, so the model runs while this stream commits and
+    fetches its next batch; each stream keeps the model's queue fed. Inline (on CPU), one at a time: the
+    model's thread and the decoder would only take turns on the same cores."""
+    if not ahead:
+        for batch in batches:
+            yield batch, detector.detect_batch(batch.frames)
+        return
+    in_model: deque[tuple[FrameBatch, PendingDetections]] = deque()
+    try:
+        for batch in batches:
+            in_model.append((batch, detector.submit(batch.frames)))
+            if len(in_model) > 1:
+                batch, pending = in_model.popleft()
+                yield batch, pending.result()
+        while in_model:
+            batch, pending = in_model.popleft()
+            yield batch, pending.result()
+    finally:
+        for _, pending in in_model:  # stopped early: their frames are read until the model is done with them
+            pending.wait()
+
+
 def _split(task: Task, info: VideoInfo, segment_frames: int | None, output: OutputDir,
            start: int, recorded: list[int] | None) -> Split | None:
     """How to cut a long video (the cuts `recorded` by an earlier run win), or None to run it whole.
@@ -254,9 +282,9 @@ class _PartCommitter:
         # Rows in committed parts: an earlier run's, read from their footers once, plus ours.
         self.detections = output.parts.count(video_id, first, last) if start > first else 0
         # Indices, timestamps and detections only: holding the frames would cost a part's worth of pixels.
-        self._pending: list[tuple[np.ndarray, np.ndarray, list]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, BatchDetections]] = []
 
-    def add(self, batch: FrameBatch, detections: list) -> None:
+    def add(self, batch: FrameBatch, detections: BatchDetections) -> None:
         self._pending.append((batch.frame_indices, batch.timestamps_s, detections))
         self.frames_processed += len(batch.frame_indices)
         if int(batch.frame_indices[-1]) + 1 - self.end >= self.every:
@@ -266,13 +294,14 @@ class _PartCommitter:
         if not self._pending:
             return
         indices = np.concatenate([i for i, _, _ in self._pending])
-        dets = [d for _, _, ds in self._pending for d in ds]
-        rows = detections_frame(
+        found = [d for _, _, d in self._pending]
+        rows = detection_rows(
             indices,
             np.concatenate([t for _, t, _ in self._pending]),
-            [d.boxes.numpy() for d in dets],
-            [d.scores.numpy() for d in dets],
-            [d.labels.numpy() for d in dets],
+            [count for d in found for count in d.counts],
+            torch.cat([d.boxes for d in found]).numpy(),
+            torch.cat([d.scores for d in found]).numpy(),
+            torch.cat([d.labels for d in found]).numpy(),
             self.class_names,
         )
         end = int(indices[-1]) + 1

@@ -53,12 +53,17 @@ class Split:
         return [Task(self.video, start, end) for start, end in zip(self.bounds, self.bounds[1:], strict=False)]
 
 
+def is_long(frames: int, segment_frames: int) -> bool:
+    """Whether a video of `frames` is cut into segments of about `segment_frames` (at least 1.5 of them)."""
+    return frames >= segment_frames + segment_frames // 2
+
+
 def cut_points(keyframes: np.ndarray, frames: int, segment_frames: int) -> list[int]:
     """Segment bounds [0, ..., frames]: a video of at least 1.5 `segment_frames` is cut into
     round(frames / segment_frames) (at least 2) segments of about equal length, so that no short
     segment is left over and the actors given a video's segments finish them together.
     """
-    if frames < segment_frames + segment_frames // 2:
+    if not is_long(frames, segment_frames):
         return [0, frames]
     count = max(2, round(frames / segment_frames))
     return snap_cuts(keyframes, frames, [round(k * frames / count) for k in range(1, count)])
