@@ -48,6 +48,7 @@ LAYOUTS = {
     "1 stream x every CPU's thread, in a thread (before)": ["ray.decode_streams=1", "decode_processes=false"],
     "a stream per CPU, in threads": ["decode_processes=false"],
     "defaults: a stream per CPU, in child processes": [],
+    "3 streams, in child processes": ["ray.decode_streams=3"],
     "2 streams per CPU, in child processes": ["ray.decode_streams=4"],
 }
 
