@@ -297,3 +297,46 @@ def test_a_batchs_detections_are_those_of_its_frames_thresholded_one_by_one():
         assert len(batched) == 4 and sum(len(d.scores) for d in batched) > 0
         for got, (boxes, scores, labels) in zip(batched, expected, strict=True):
             assert torch.equal(got.boxes, boxes) and torch.equal(got.scores, scores) and torch.equal(got.labels, labels)
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+@pytest.mark.parametrize(("height", "width", "min_size", "max_size"),
+                         [(96, 128, 800, 1333), (240, 320, 200, 300), (180, 100, 160, 240), (72, 90, 64, 1000)])
+def test_the_batched_transform_equals_torchvisions_per_image_transform(height, width, min_size, max_size, at_once):
+    """Upscaled, downscaled, portrait, bound by max_size; padded to 32: the same ImageList as torchvision's."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from job.detect_fast import prepare_rcnn_batch
+
+    transform = GeneralizedRCNNTransform(min_size, max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()
+    frames = torch.from_numpy(np.stack([scene(i, width, height) for i in (0, 5, 11)]))
+    theirs, _ = transform([frame.permute(2, 0, 1).float() / 255 for frame in frames])
+    ours = prepare_rcnn_batch(transform, frames, at_once=at_once)
+    assert ours.image_sizes == theirs.image_sizes
+    assert ours.tensors.shape == theirs.tensors.shape
+    torch.testing.assert_close(ours.tensors, theirs.tensors, rtol=0, atol=1e-5)
+    assert ours.tensors.shape[-2] % 32 == 0 and ours.tensors.shape[-1] % 32 == 0
+
+
+def test_a_batched_transform_preset_gives_torchvisions_detections_on_resized_frames(tmp_path):
+    """Faster R-CNN at its own sizes (frames upscaled to 800 px by its transform): the Detector, which
+    prepares the batch itself, against torchvision's model frame by frame."""
+    from job.detect_fast import BatchPreparedTransform
+
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    frames = [scene(i, 160, 120) for i in (0, 9, 3)]
+    path = tmp_path / "model.pth"
+    torch.save(calibrated_state_dict(name, frames, num_classes=4), path)
+    reference = reference_model(name, path, 4)
+    with torch.inference_mode():
+        probe_out = reference([torch.from_numpy(frames[0]).permute(2, 0, 1).float() / 255])[0]
+    assert len(probe_out["scores"]), "the calibrated model should detect something"
+    threshold = float(probe_out["scores"][min(4, len(probe_out["scores"]) - 1)])
+    detector = cpu_detector(name, path, threshold, classes=["a", "b", "c"])
+    assert isinstance(detector.model.transform, BatchPreparedTransform)  # the batched path is the one tested
+    batch = torch.from_numpy(np.stack(frames))
+    ours = detector(batch)
+    assert sum(len(out.scores) for out in ours) >= 1
+    with torch.inference_mode():
+        for frame, mine in zip(batch, ours):
+            assert_same_detections(mine, reference([frame.permute(2, 0, 1).float() / 255])[0], threshold)

@@ -14,7 +14,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.detection.ssd import SSD
 
 from job.config import ModelConfig
-from job.detect_fast import enable_fast_ssd, prepare_batch
+from job.detect_fast import (
+    batches_the_transform,
+    enable_batched_transform,
+    enable_fast_ssd,
+    prepare_batch,
+    prepare_rcnn_batch,
+)
 from job.errors import ConfigError
 from job.models import build, resolve
 
@@ -162,9 +168,10 @@ class Detector:
 
     Configured for throughput with results unchanged: the score threshold is pushed into the
     model's postprocessing, BatchNorm is folded into the convolutions, activations are
-    channels_last, and SSD models get their frames resized and normalised before the model (a
-    frame at a time, into one batch tensor) and a vectorised postprocessing (`detect_fast`), with
-    boxes scaled back the way torchvision does.
+    channels_last, and frames are resized and normalised on the model's device into one batch tensor
+    before the model (`detect_fast`: SSD's at its fixed size, with a vectorised postprocessing and
+    boxes scaled back the way torchvision does; the other presets' by torchvision's transform's own
+    steps over the whole batch, their postprocessing torchvision's).
 
     Shared by an actor's decode streams: one model call runs at a time (the device runs them one after
     another anyway), and a batch holds the frames of one stream only, so its frames, and with them the
@@ -186,12 +193,15 @@ class Detector:
         self._fast_ssd = isinstance(model, SSD) and getattr(model.transform, "fixed_size", None) is not None
         if self._fast_ssd:
             enable_fast_ssd(model)
+        self._takes_uint8 = bool(getattr(model, "takes_uint8", False))
+        self._batched_transform = not self._takes_uint8 and batches_the_transform(model)
+        if self._batched_transform:
+            enable_batched_transform(model)
         if model_cfg.compile:  # postprocessing has data-dependent shapes: compiling it would only break graphs
             model.backbone = torch.compile(model.backbone, dynamic=False)
             if hasattr(model, "head"):  # SSD, RetinaNet, FCOS; Faster R-CNN's heads stay eager
                 model.head = torch.compile(model.head, dynamic=False)
         self._autocast = _autocast(self.device, precision)
-        self._takes_uint8 = bool(getattr(model, "takes_uint8", False))
         self._one_call_at_a_time = threading.Lock()
         self._model_loop: ThreadPoolExecutor | None = None  # `submit`'s: started on its first call
         # Host-to-device copies run on a stream of their own, beside the model's kernels on the default one.
@@ -261,15 +271,17 @@ class Detector:
             torch.cuda.current_stream(self.device).wait_event(copied)
             frames.record_stream(torch.cuda.current_stream(self.device))
         height, width = frames.shape[1:3]
-        # uint8 -> float on the device, a frame at a time (see prepare_batch); then either our
-        # batched resize+normalise (SSD) or the model's own per-image transform.
+        # uint8 -> float on the device, then resized and normalised into one batch tensor: SSD's
+        # (prepare_batch) or torchvision's transform of the other presets (prepare_rcnn_batch).
         if self._fast_ssd:
             images = list(prepare_batch(self.model, frames))
-        elif self._takes_uint8:
+        elif self._takes_uint8 or self._batched_transform:
             images = list(frames.permute(0, 3, 1, 2).unbind(0))  # one call, not a Python step a frame
         else:
             images = [f.float().div_(255.0) for f in frames.permute(0, 3, 1, 2).unbind(0)]
         with self._autocast:
+            if self._batched_transform:  # the model reads only the frames' sizes from `images`
+                self.model.transform.prepared = prepare_rcnn_batch(self.model.transform, frames)
             outputs = self.model(images)
         scale = None
         if self._fast_ssd:  # boxes come back in the resized frame; scale them as torchvision would

@@ -1,15 +1,20 @@
-"""Exact fast paths for torchvision's SSD family: the same detections with less work per frame.
+"""Exact fast paths for torchvision's detectors: the same detections with less work per frame.
 
 torchvision's SSD postprocessing loops over 90 classes per image in Python, and its transform
 normalises full-size float images before resizing them. For a fixed-size model, postprocessing
 can be vectorised, and each frame resized first and normalised at the model's size, written
-straight into the batch. `tests/test_detect.py` checks the results against torchvision's own path.
+straight into the batch. The other presets (Faster R-CNN, RetinaNet, FCOS) get their transform's
+steps run over the whole batch at once (`prepare_rcnn_batch`): on a GPU one kernel a step instead
+of one a frame. `tests/test_detect.py` checks the results against torchvision's own path.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
@@ -95,3 +100,59 @@ def prepare_batch(model: SSD, frames: torch.Tensor) -> torch.Tensor:
     mean = torch.as_tensor(transform.image_mean, dtype=batch.dtype, device=batch.device)[:, None, None]
     std = torch.as_tensor(transform.image_std, dtype=batch.dtype, device=batch.device)[:, None, None]
     return batch.div_(255.0).sub_(mean).div_(std)
+
+
+class BatchPreparedTransform(GeneralizedRCNNTransform):
+    """A model's transform that hands on the batch `prepare_rcnn_batch` made for this call (`prepared`),
+    so the model's forward, heads and postprocessing stay torchvision's own: it still reads each frame's
+    original size from the images it is given, and scales boxes back to it as it always does."""
+
+    prepared: ImageList | None = None
+
+    def forward(self, images, targets=None):
+        prepared, self.prepared = self.prepared, None
+        if prepared is None:  # not called through the Detector: torchvision's own steps
+            return super().forward(images, targets)
+        return prepared, targets
+
+
+def batches_the_transform(model: torch.nn.Module) -> bool:
+    """Whether the model's input goes through torchvision's own transform at a size it computes per image
+    (the R-CNN family, RetinaNet, FCOS): `enable_batched_transform` then applies."""
+    transform = getattr(model, "transform", None)
+    return type(transform) is GeneralizedRCNNTransform and transform.fixed_size is None
+
+
+def enable_batched_transform(model: torch.nn.Module) -> None:
+    """Turn a built model's transform into a `BatchPreparedTransform` (no new state: only a method)."""
+    model.transform.__class__ = BatchPreparedTransform
+
+
+def prepare_rcnn_batch(transform: GeneralizedRCNNTransform, frames: torch.Tensor,
+                       at_once: bool | None = None) -> ImageList:
+    """uint8 (B, H, W, 3) -> torchvision's transform of them, as one ImageList: scaled to [0, 1],
+    normalised, resized by the factor torchvision computes, padded to its `size_divisible`.
+
+    The same operations in the same order as torchvision's per-image path, so the same values up to
+    the kernels' rounding. `at_once` (default: on a GPU) does each step over the whole batch; otherwise
+    a frame at a time into the padded batch, which on a CPU stays under glibc's mmap threshold
+    (see prepare_batch).
+    """
+    height, width = frames.shape[1:3]
+    size = transform.min_size[-1]
+    scale = min(size / min(height, width), transform.max_size / max(height, width))
+    mean = torch.as_tensor(transform.image_mean, dtype=torch.float32, device=frames.device)[:, None, None]
+    std = torch.as_tensor(transform.image_std, dtype=torch.float32, device=frames.device)[:, None, None]
+    step = len(frames) if (frames.device.type == "cuda" if at_once is None else at_once) else 1
+    images, batch = frames.permute(0, 3, 1, 2), None
+    for start in range(0, len(frames), step):
+        chunk = (images[start:start + step].float().div_(255.0) - mean) / std
+        chunk = F.interpolate(chunk, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                              align_corners=False)
+        resized_h, resized_w = chunk.shape[-2:]
+        if batch is None:
+            stride = transform.size_divisible
+            batch = chunk.new_zeros((len(frames), 3, math.ceil(resized_h / stride) * stride,
+                                     math.ceil(resized_w / stride) * stride))
+        batch[start:start + step, :, :resized_h, :resized_w].copy_(chunk)
+    return ImageList(batch, [(int(resized_h), int(resized_w))] * len(frames))
