@@ -147,3 +147,22 @@ def test_waiting_until_a_child_is_up_leaves_it_nothing_to_import_on_the_first_vi
         assert not child._conn.poll()  # its "up" message was read, nothing else is pending
         info = probe(path)
         assert_same(decoded(child.batches, path, info, batch_size=4), decoded(iter_batches, path, info, batch_size=4))
+
+
+@pytest.mark.cuda
+def test_a_childs_buffers_are_page_locked_for_a_gpu_and_unlocked_when_dropped(tmp_path):
+    """With `pin`, a batch crosses to the GPU straight from the child's buffer (no pinned copy first), its
+    frames the same as unpinned; closing unlocks every buffer."""
+    write_video(tmp_path / "v.mp4", [scene(i, 128, 96) for i in range(40)], size=(128, 96))
+    path = str(tmp_path / "v.mp4")
+    info = probe(path)
+    with DecodeProcess(keep=3, pin=True) as child:
+        pinned = []
+        for batch in child.batches(path, info, batch_size=8):
+            pinned.append(batch.frames.is_pinned())
+            on_gpu = batch.frames.to("cuda", non_blocking=True)
+            torch.cuda.synchronize()
+            assert torch.equal(on_gpu.cpu(), batch.frames)
+            child.give_back(batch)
+        assert all(pinned) and child._locked
+    assert not child._locked

@@ -54,14 +54,17 @@ class DecodeProcessError(RuntimeError):
 class DecodeProcess:
     """One decode stream's child process; `batches` is `iter_batches` run there. Used by one thread at a time."""
 
-    def __init__(self, keep: int = 4) -> None:
-        self.keep = keep
+    def __init__(self, keep: int = 4, pin: bool = False) -> None:
+        """`pin`: the batches go to a GPU: each buffer is page-locked where it is mapped (cudaHostRegister),
+        so a batch crosses straight from it, without first being copied into pinned memory."""
+        self.keep, self.pin = keep, pin
         self._child: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._buffer_fds: socket.socket | None = None  # where the child sends its buffers' file descriptors
         self._slots: dict[int, torch.Tensor] = {}  # the child's buffers, mapped here, by number
         self._slot_at: dict[int, int] = {}  # a buffer's address -> its number
         self._held: set[int] = set()  # handed out by the running task, not handed back yet
+        self._locked: set[int] = set()  # buffers page-locked for the GPU (`pin`)
         self._task = 0
         self._up = False  # the running child has said it has imported what it needs
 
@@ -135,8 +138,8 @@ class DecodeProcess:
                 self._child.wait()
         self._child = self._conn = self._buffer_fds = None
         self._up = False
-        self._slots.clear()
-        self._slot_at.clear()
+        for slot in list(self._slots):
+            self._unmap(slot)
 
     def __enter__(self) -> DecodeProcess:
         return self
@@ -201,13 +204,22 @@ class DecodeProcess:
     def _map(self, slot: int, shape: tuple[int, ...]) -> None:
         _, (fd,), _, _ = socket.recv_fds(self._buffer_fds, 1, 1)  # sent just before its "slot" message
         buffer = _mapped(fd, shape)
+        if self.pin:
+            self.pin = _page_lock(buffer)  # refused (no memory to lock): pinned per batch, as before
+            if self.pin:
+                self._locked.add(slot)
         self._slots[slot] = buffer
         self._slot_at[buffer.data_ptr()] = slot
 
     def _unmap(self, slot: int) -> None:
+        """Forgets a buffer: the child dropped it (handed back), or a task ended with it held (the batches
+        of a task are let go before its iterator closes: `process._detected` waits for the model)."""
         buffer = self._slots.pop(slot, None)
         if buffer is not None:
             self._slot_at.pop(buffer.data_ptr(), None)
+            if slot in self._locked:  # unlocked before the mapping can go, while it still exists
+                self._locked.discard(slot)
+                _page_unlock(buffer)
 
 
 def _fill(progress: DecodeProgress | None, child_progress: DecodeProgress) -> None:
@@ -272,6 +284,21 @@ class _ChildBuffers:
             raise _Stopped
         elif kind == "decode":
             self.waiting.append(message)
+
+
+def _page_lock(buffer: torch.Tensor) -> bool:
+    """Registers a mapped buffer with CUDA as pinned host memory; False where CUDA refuses."""
+    cudart = torch.cuda.cudart()
+    error = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    if error != cudart.cudaError.success:
+        log.warning("cannot page-lock a decode buffer for the GPU (CUDA error %s): batches are copied into "
+                    "pinned memory instead", error)
+        return False
+    return True
+
+
+def _page_unlock(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
 def _mapped(fd: int, shape: tuple[int, ...]) -> torch.Tensor:

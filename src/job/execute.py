@@ -176,7 +176,8 @@ class VideoWorker:
         if decodes_in_child_processes(self.settings):  # they start up while the model warms up
             from job.decode_process import DecodeProcess
 
-            decoders = [DecodeProcess(keep=self.settings.prefetch_batches + 3) for _ in range(streams)]
+            decoders = [DecodeProcess(keep=self.settings.prefetch_batches + 3, pin=self.detector.device.type == "cuda")
+                        for _ in range(streams)]
             for decoder in decoders:
                 decoder.start()
                 self.idle_decoders.put(decoder)

@@ -201,7 +201,7 @@ def _decoded(path: str, info: VideoInfo, settings: JobConfig, start: int, end: i
                "decoder": settings.decoder.value, "progress": progress, "threads": threads, "end_frame": end}
     if decodes_in_child_processes(settings):
         if child is None:
-            child = stack.enter_context(DecodeProcess(keep))
+            child = stack.enter_context(DecodeProcess(keep, pin=detector.device.type == "cuda"))
         batches = stack.enter_context(closing(child.batches(path, info, **options)))
         return batches, child
     buffers = BatchBuffers(keep=keep)
