@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -98,3 +99,19 @@ def test_a_held_video_that_will_come_back_split_does_not_count_as_holding_a_stre
     assert mixer.comes_back_split(dataclasses.replace(hd, cuts=(500,)))  # the last video's uneven pieces
     assert not mixer.comes_back_split(Task(qcif.video, 0, 3000))  # a segment is decoded, never split again
     assert mixer.pick([hd2, qcif2], [long_qcif]) == 0  # nothing held that counts: the order stands
+
+
+def test_the_tail_sizer_weighs_the_queued_work_by_pixels_when_every_frame_size_is_known():
+    """A 720p video handed out before two 640x272 ones: by frames it looks small next to them (1,000 against
+    4,600) and would run whole on one stream; by pixels they are worth 869 of its frames, so it is cut."""
+    hd, sd0, sd1, unknown = (Video(name, f"/v/{name}.mp4", f"{name}.mp4") for name in ("hd", "sd0", "sd1", "u"))
+    frames = {"hd": 1000, "sd0": 2300, "sd1": 2300, "u": 2300}
+    pixels = {"hd": 1280 * 720, "sd0": 640 * 272, "sd1": 640 * 272}
+    queued = [Task(sd1), Task(sd0)]  # next out last
+    assert TailSizer(frames, 1800, 2).size(Task(hd), queued, []).segment_frames == 1800  # by frames: whole
+    weighed = TailSizer(frames, 1800, 2, pixels).size(Task(hd), queued, [])
+    assert weighed.segment_frames == math.ceil(math.ceil(1000 + 4600 * 640 * 272 / (1280 * 720)) / 8) == 234
+    # The small ones handed out before the 720p one would still run whole: it outweighs them.
+    assert TailSizer(frames, 1800, 2, pixels).size(Task(sd0), [Task(hd), Task(sd1)], []).segment_frames == 1800
+    # A queued video whose size is not known (yet): frames alone, as before.
+    assert TailSizer(frames, 1800, 2, pixels).size(Task(hd), [Task(unknown), *queued], []).segment_frames == 1800

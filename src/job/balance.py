@@ -64,10 +64,18 @@ class TailSizer:
     The last video, while other actors are busy, is cut unevenly by `last_video_cuts` (their tasks'
     frames left come from the frames per second finished tasks took); other videos get
     `tail_segment_frames`. Frame counts are the containers' (`WorkEstimate.frames_by_video`).
+
+    With every video's frame size known (`pixels_by_video`), the work queued is weighed in pixels, not
+    frames: decoding costs by the pixel, so a few 720p frames outweigh many small ones, and a large video
+    counted by its frames alone could run whole on one stream long after the rest of the run has ended
+    (benchmarks/gpu.md).
     """
 
-    def __init__(self, frames_by_video: dict[str, int], segment_frames: int | None, actors: int) -> None:
+    def __init__(self, frames_by_video: dict[str, int], segment_frames: int | None, actors: int,
+                 pixels_by_video: dict[str, int] | None = None) -> None:
+        """The two dicts may still be filling (`plan.HeaderRead`)."""
         self.frames_by_video, self.segment_frames, self.actors = frames_by_video, segment_frames, actors
+        self.pixels_by_video = pixels_by_video or {}
         self.frames_timed, self.seconds_timed = 0, 0.0
 
     def frames(self, task: Task) -> int:
@@ -88,15 +96,33 @@ class TailSizer:
             per_second = self.frames_timed / self.seconds_timed
             left = [max(0.0, self.frames(t) - seconds * per_second) for t, seconds in running]
             return dataclasses.replace(task, cuts=tuple(last_video_cuts(video_frames, left)))
-        # Summed only as far as the decision needs (next out first): all of it on every hand-out made the
-        # pool quadratic in the number of videos.
-        queued_frames, enough = video_frames, video_frames * self.actors
-        for other in reversed(queued):
-            if queued_frames >= enough:
-                break
-            queued_frames += self.frames(other)
+        queued_frames = self._queued_work(task, video_frames, queued, self.pixels_by_video)
+        if queued_frames is None:  # a frame size not known (yet): by frames alone
+            queued_frames = self._queued_work(task, video_frames, queued, {})
         return dataclasses.replace(task, segment_frames=tail_segment_frames(self.segment_frames, video_frames,
                                                                             queued_frames, self.actors))
+
+    def _queued_work(self, task: Task, video_frames: int, queued: list[Task], pixels: dict[str, int]) -> int | None:
+        """The work queued, `task` included, in frames of `task`'s video: each task's frames weighed by its
+        pixels a frame against `task`'s (with `pixels` empty, every weight is 1); None if a weight is missing.
+
+        Summed only as far as the decision needs (next out first): all of it on every hand-out made the
+        pool quadratic in the number of videos."""
+        def weight(video_id: str) -> int | None:
+            return pixels.get(video_id) if pixels else 1
+
+        own = weight(task.video.video_id)
+        if not own:
+            return None
+        queued_work, enough = video_frames * own, video_frames * own * self.actors
+        for other in reversed(queued):
+            if queued_work >= enough:
+                break
+            other_weight = weight(other.video.video_id)
+            if not other_weight:
+                return None
+            queued_work += self.frames(other) * other_weight
+        return math.ceil(queued_work / own)
 
 
 class StreamMixer:

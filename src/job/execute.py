@@ -351,7 +351,7 @@ class ActorRun:
                              stall_timeout_s=cfg.ray.stall_timeout_s, streams=layout.streams, ahead=TASKS_AHEAD,
                              starting=set(range(len(actors))) - {first},
                              sizer=TailSizer(self.headers.estimate.frames_by_video, cfg.ray.segment_frames,
-                                             layout.count * layout.streams),
+                                             layout.count * layout.streams, self.headers.estimate.pixels_by_video),
                              mixer=StreamMixer(self.headers.estimate.pixels_by_video,
                                                 self.headers.estimate.frames_by_video))
             for status in pool.run(todo, tick=update_bar):
