@@ -11,7 +11,7 @@ Measures, each in this process (no Ray, no Hydra; the job's `Detector` and `iter
      timestamps are PyAV's;
   3. the job's path end to end (decode -> detect -> commit with `process.process_task`, where polars is
      installed), with PyAV and with NVDEC, against the model-only ceiling, with the share of the time the
-     device was busy.
+     device was busy; and with 1/4/8 streams feeding one model, decoding in child processes or in threads.
 Wheels the machine lacks (PyAV, polars, PyNvVideoCodec) can be installed from a folder first: --wheels DIR.
 Weights: seeded detectors calibrated on the frames (offline); speed does not depend on the values.
 """
@@ -19,6 +19,7 @@ Weights: seeded detectors calibrated on the frames (offline); speed does not dep
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,71 @@ def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
     return lines
 
 
+def in_streams(tasks: list) -> tuple[list, float]:
+    """Runs each of `tasks` (no arguments) in a thread of its own, all at once: (their results, seconds)."""
+    results = []
+    threads = [threading.Thread(target=lambda task=task: results.append(task())) for task in tasks]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - started
+
+
+def end_to_end_streams(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
+    """The job's path with several decode streams feeding one model, as a GPU actor runs them: each stream
+    a thread running `process_task` on a video of its own, decoding in a child process (the default) or in
+    a thread of this process (`decode_processes=false`)."""
+    try:
+        import polars  # noqa: F401  (the job's output tables)
+    except ImportError:
+        return ["(skipped: polars is not installed here; pass --wheels with its wheel)"]
+    import os
+
+    from job.config import JobConfig, ModelConfig, for_device
+    from job.decode_process import DecodeProcess
+    from job.detect import Detector
+    from job.discover import discover_videos
+    from job.output import OutputDir
+    from job.process import process_task
+    from job.segments import Task
+
+    name = args.models[0]
+    detector = Detector(ModelConfig(name=name, weights=str(weights_dir / f"{name}.pth")), args.threshold,
+                        device=args.device)
+    copies = out / "copies"
+    copies.mkdir(parents=True)
+    for k in range(max(args.job_streams)):  # one video per stream, the same bytes
+        os.link(video, copies / f"clip_{k}.mp4")
+    videos = discover_videos(str(copies))
+    cpus = os.cpu_count() or 1
+    lines = ["| model | streams | decoding in | frames | frames/s end to end |", "| --- | --- | --- | --- | --- |"]
+    for streams in args.job_streams:
+        for children in (True, False):
+            settings = for_device(JobConfig(video_dir=str(copies), output_dir=str(out / f"s{streams}-{children}"),
+                                            decode_processes=children), detector.device.type)
+            output = OutputDir(settings.output_dir)
+            decoders = [DecodeProcess(settings.prefetch_batches + 3, pin=detector.device.type == "cuda")
+                        for _ in range(streams)] if children else [None] * streams
+            for decoder in filter(None, decoders):  # started before the clock, as an actor's are
+                decoder.start()
+                decoder.wait_until_up()
+            statuses, seconds = in_streams(
+                [functools.partial(process_task, Task(videos[k]), settings, output, detector,
+                                   decode_threads=max(1, cpus // streams), decode_process=decoder)
+                 for k, decoder in enumerate(decoders)])
+            for decoder in filter(None, decoders):
+                decoder.close()
+            frames = sum(status.frames_processed for status in statuses)
+            assert len(statuses) == streams and all(status.status == "ok" for status in statuses), statuses
+            lines.append(f"| {name} | {streams} | {'child processes' if children else 'threads'} | {frames} | "
+                         f"{frames / seconds:.1f} |")
+            print(lines[-1], flush=True)
+    detector.close()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -232,6 +298,7 @@ def main() -> None:
     args.batch_sizes = [2] if quick else [8, 32, 64]
     args.threads = [1] if quick else [1, 4, 8, 16]
     args.streams = [1, 2] if quick else [1, 4, 8]
+    args.job_streams = [2] if quick else [1, 4, 8]
     args.repeat = 1 if quick else 5
     args.threshold = 0.25
     width, height, count = (160, 120, 16) if quick else (1280, 720, 300)
@@ -249,7 +316,9 @@ def main() -> None:
                  "Decoding only (PyAV):", "", *decoding(args, video), "",
                  "Decoding only (NVDEC, frames left on the GPU):", "", *nvdec_decoding(args, video), "",
                  "The job's path (decode -> detect -> commit):", "",
-                 *end_to_end(args, video, scratch, scratch / "out"), ""]
+                 *end_to_end(args, video, scratch, scratch / "out"), "",
+                 "The job's path with several streams feeding one model (a GPU actor's layout):", "",
+                 *end_to_end_streams(args, video, scratch, scratch / "streams"), ""]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -25,3 +25,5 @@ def test_the_gpu_check_runs_here_on_cpu(tmp_path):
     assert re.search(r"\| 2 \| 1 \| \d+\.\d \|", text)  # two decode streams at once
     assert re.search(r"\| ssdlite320_mobilenet_v3_large \| pyav \| 16 \| \d+\.\d \| \d+% \|", text)  # all 16 committed
     assert "Decoding only (NVDEC, frames left on the GPU):\n\n(skipped: " in text  # no GPU here
+    for decoding_in in ("child processes", "threads"):  # two streams into one model, all 32 frames committed
+        assert re.search(rf"\| ssdlite320_mobilenet_v3_large \| 2 \| {decoding_in} \| 32 \| \d+\.\d \|", text), decoding_in
