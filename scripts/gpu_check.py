@@ -166,24 +166,39 @@ def nvdec_decoding(args, video: Path) -> list[str]:
     return lines
 
 
-def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
+def polars_missing() -> list[str] | None:
+    """The report's line when the job's path cannot run here (its output tables need polars), else None."""
     try:
-        import polars  # noqa: F401  (the job's output tables)
+        import polars  # noqa: F401
     except ImportError:
         return ["(skipped: polars is not installed here; pass --wheels with its wheel)"]
+    return None
+
+
+def job_detector(args, weights_dir: Path):
+    """The first model's `Detector`, as the job's actors build it, on its calibrated weights."""
+    from job.config import ModelConfig
+    from job.detect import Detector
+
+    name = args.models[0]
+    return Detector(ModelConfig(name=name, weights=str(weights_dir / f"{name}.pth")), args.threshold,
+                    device=args.device)
+
+
+def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
+    if skipped := polars_missing():
+        return skipped
     import torch
 
-    from job.config import Decoder, JobConfig, ModelConfig, for_device
+    from job.config import Decoder, JobConfig, for_device
     from job.decode import nvdec_installed
-    from job.detect import Detector
     from job.discover import discover_videos
     from job.output import OutputDir
     from job.process import process_task
     from job.segments import Task
 
     name = args.models[0]
-    detector = Detector(ModelConfig(name=name, weights=str(weights_dir / f"{name}.pth")), args.threshold,
-                        device=args.device)
+    detector = job_detector(args, weights_dir)
     busy = [0.0]
     forward = detector.model.forward
 
@@ -229,23 +244,19 @@ def end_to_end_streams(args, video: Path, weights_dir: Path, out: Path) -> list[
     """The job's path with several decode streams feeding one model, as a GPU actor runs them: each stream
     a thread running `process_task` on a video of its own, decoding in a child process (the default) or in
     a thread of this process (`decode_processes=false`)."""
-    try:
-        import polars  # noqa: F401  (the job's output tables)
-    except ImportError:
-        return ["(skipped: polars is not installed here; pass --wheels with its wheel)"]
+    if skipped := polars_missing():
+        return skipped
     import os
 
-    from job.config import JobConfig, ModelConfig, for_device
+    from job.config import JobConfig, for_device
     from job.decode_process import DecodeProcess
-    from job.detect import Detector
     from job.discover import discover_videos
     from job.output import OutputDir
     from job.process import process_task
     from job.segments import Task
 
     name = args.models[0]
-    detector = Detector(ModelConfig(name=name, weights=str(weights_dir / f"{name}.pth")), args.threshold,
-                        device=args.device)
+    detector = job_detector(args, weights_dir)
     copies = out / "copies"
     copies.mkdir(parents=True)
     for k in range(max(args.job_streams)):  # one video per stream, the same bytes

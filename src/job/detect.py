@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as concurrent_wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -111,15 +110,10 @@ def _kept(batch: _BatchOutputs, score_threshold: float) -> BatchDetections:
     return BatchDetections(kept, batch.boxes[keep], batch.scores[keep].float(), batch.labels[keep])
 
 
-def _per_frame(batch: _BatchOutputs, score_threshold: float) -> list[Detections]:
-    """Each frame's kept detections (`_kept`, split by frame)."""
-    return _kept(batch, score_threshold).frames()
-
-
 def _to_cpu(outputs: list[dict[str, torch.Tensor]], score_threshold: float, width: int, height: int,
             scale: torch.Tensor | None) -> list[Detections]:
     """The kept detections of a batch, each frame's (what `Detector` does, in two steps around its lock)."""
-    return _per_frame(_gather(outputs, width, height, scale), score_threshold)
+    return _kept(_gather(outputs, width, height, scale), score_threshold).frames()
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -224,10 +218,7 @@ class Detector:
     @torch.inference_mode()
     def detect_batch(self, frames: torch.Tensor) -> BatchDetections:
         """`__call__`'s detections, all frames' together: what the job commits."""
-        frames, copied = self._to_device(frames)
-        with self._one_call_at_a_time:
-            outputs = self._detect(frames, copied)
-        return _kept(outputs, self.score_threshold)
+        return _kept(self._detect_locked(*self._to_device(frames)), self.score_threshold)
 
     def submit(self, frames: torch.Tensor) -> PendingDetections:
         """Starts detecting `frames` (as `__call__` does) on the model's own thread and returns at once, so
@@ -303,7 +294,7 @@ class PendingDetections:
 
     def wait(self) -> None:
         """Waits for the model without looking at its answer (a task stopping early)."""
-        concurrent_wait([self._outputs])
+        self._outputs.exception()
 
 
 def _autocast(device: torch.device, precision: str):
