@@ -165,7 +165,7 @@ def run_job(node: GpuNode, video_dir: Path, out: Path, ms_per_frame: float, extr
 def timeline(calls_log: Path) -> list[str]:
     """Frames the stand-in detected in each second of the run, by size (its warm-up call left out)."""
     calls = [line.split() for line in calls_log.read_text().splitlines()]
-    calls = [(size, int(frames), float(end)) for _, size, frames, end in calls if size != "640x480"]
+    calls = [(size, int(frames), float(end)) for _, size, frames, end, *_ in calls if size != "640x480"]
     started = min(end for *_, end in calls)
     seconds = int(max(end for *_, end in calls) - started) + 1
     by_second = {f"{w}x{h}": [0] * seconds for w, h in SIZES}

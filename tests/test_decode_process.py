@@ -22,25 +22,28 @@ from job.samples import scene, write_video
 
 
 def decoded(decode, path, info, **options):
-    """(indices, frames, progress, error) of decoding `path` with `decode`: iter_batches, or a child's
-    `batches` (each batch handed back once copied, as the job does)."""
-    progress, indices, frames, error = DecodeProgress(), [], [], None
+    """(indices, frames, progress, error, layouts) of decoding `path` with `decode`: iter_batches, or a
+    child's `batches` (each batch handed back once copied, as the job does)."""
+    progress, indices, frames, error, layouts = DecodeProgress(), [], [], None, []
     child = getattr(decode, "__self__", None)
     try:
         for batch in decode(path, info, progress=progress, **options):
             indices.append(batch.frame_indices.copy())
             frames.append(batch.frames.clone())
+            layouts.append(batch.planar)
             if child is not None:
                 child.give_back(batch)
     except (VideoError, DecodeProcessError) as exc:
         error = str(exc)
     except Exception as exc:  # as `process` records it
         error = f"{type(exc).__name__}: {exc}"
-    return indices, frames, progress, error
+    return indices, frames, progress, error, layouts
 
 
 def assert_same(one, other):
-    (indices_a, frames_a, progress_a, error_a), (indices_b, frames_b, progress_b, error_b) = one, other
+    (indices_a, frames_a, progress_a, error_a, layouts_a), (indices_b, frames_b, progress_b, error_b, layouts_b) = \
+        one, other
+    assert layouts_a == layouts_b
     assert len(indices_a) == len(indices_b)
     assert all(np.array_equal(a, b) for a, b in zip(indices_a, indices_b, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(frames_a, frames_b, strict=True))
@@ -61,7 +64,7 @@ def test_a_child_decodes_every_awkward_video_as_the_models_process_does(tmp_path
         for path in paths:
             info = probe(str(path))
             for options in ({"batch_size": 4}, {"batch_size": 3, "frame_stride": 2, "start_frame": 2, "end_frame": 7},
-                            {"batch_size": 5, "decoder": "decord"}):
+                            {"batch_size": 5, "decoder": "decord"}, {"batch_size": 4, "planar": True}):
                 in_process = decoded(iter_batches, str(path), info, **options)
                 assert_same(decoded(child.batches, str(path), info, **options), in_process)
                 assert len(child._slots) <= 3  # the read-ahead is bounded, whatever the video's size

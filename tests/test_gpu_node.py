@@ -50,7 +50,8 @@ def gpu_node(tmp_path_factory):
 def stand_in(calls_log) -> list[str]:
     return ["model._target_=job.samples.stand_in_accelerator", "model.weights=none",
             f"+model.builder_args.calls_log={calls_log}", "+model.builder_args.ms_per_frame=2", "+model.builder_args.level=90",
-            "ray.segment_frames=null", "batch_size=4", "prefetch_batches=2"]  # a GPU's read-ahead
+            "ray.segment_frames=null", "batch_size=4", "prefetch_batches=2",  # a GPU's read-ahead
+            "colour_on_device=true"]  # and its colour conversion (tests/test_colour.py: within 2 levels of the CPU's)
 
 
 def detections(out) -> pl.DataFrame:
@@ -78,7 +79,8 @@ def test_a_gpu_node_gives_one_actor_whose_streams_share_its_model(gpu_node, tmp_
     calls = [line.split() for line in gpu_calls.read_text().splitlines()]
     calls = [call for call in calls if call[1] != "640x480"]  # the warm-up batch (`Detector.warm_up`)
     assert len({pid for pid, *_ in calls}) == 1, "one model, in one actor"
-    assert sum(int(frames) for _, _, frames, _ in calls) == 4 * 60
+    assert sum(int(frames) for _, _, frames, *_ in calls) == 4 * 60
+    assert {kind for *_, kind in calls} == {"planes"}, "YUV planes went to the model, to be converted there"
     # Two streams at once: the model's calls alternate between the large video and the small ones, where
     # one stream would give one run of calls per size.
     sizes = [size for _, size, *_ in calls]

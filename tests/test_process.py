@@ -273,11 +273,11 @@ class RecordingDetector:
         self.log: list[str] = []
         self.fail_on = fail_on
 
-    def detect_batch(self, frames):
+    def detect_batch(self, frames, planar=None):
         self.log.append(f"call {frames}")
         return [frames]
 
-    def submit(self, frames):
+    def submit(self, frames, planar=None):
         self.log.append(f"submit {frames}")
         detector = self
 

@@ -213,6 +213,10 @@ class JobConfig:
     # not yet measured on a GPU box. false: a thread of the actor per stream, as before.
     # decoder=nvdec always decodes in the model's process (its frames are on the GPU).
     decode_processes: bool = True
+    # Decoders hand over the stream's YUV planes and the model's device converts them to RGB (`colour`):
+    # converting is most of PyAV's CPU per frame beyond decoding, and the planes are half the bytes to copy.
+    # Frames are swscale's within 2 levels. null: on a GPU; on the CPU, swscale converts faster than torch.
+    colour_on_device: Optional[bool] = None  # noqa: UP045
     # Remove the detections and rows of videos whose files are gone from video_dir (else kept as `missing`).
     prune: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -462,6 +466,7 @@ def for_device(cfg: JobConfig, device_type: str) -> JobConfig:
         cfg,
         batch_size=cfg.batch_size if cfg.batch_size is not None else (16 if gpu else 4),
         prefetch_batches=cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if gpu else 0),
+        colour_on_device=cfg.colour_on_device if cfg.colour_on_device is not None else gpu,
     )
 
 

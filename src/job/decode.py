@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from job.colour import Yuv420, planar_format
 from job.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,16 @@ class VideoInfo:
     frame_pts: np.ndarray | None = None  # the same in the stream's time base, as the decoder stamps frames
     hidden_frames: int = 0  # frames an edit list hides (the lead-in of a cut made without re-encoding)
     keyframe_pts: np.ndarray | None = None  # stream time base, ascending: where decoding can start
+    planar: Yuv420 | None = None  # how the model's device converts its frames' planes, where it can
 
 
 @dataclass
 class FrameBatch:
     frame_indices: np.ndarray  # int64, index among all decoded frames
     timestamps_s: np.ndarray  # float64
-    frames: torch.Tensor  # uint8 (B, H, W, 3), RGB, displayed orientation
+    frames: torch.Tensor  # uint8 (B, H, W, 3), RGB, displayed orientation; or planes, as `planar` says
     buffer: torch.Tensor | None = None  # the batch-sized buffer `frames` lies in, for `BatchBuffers.give_back`
+    planar: Yuv420 | None = None  # `frames` are I420 planes (B, H * 3 / 2, W), for the model's device to convert
 
 
 class BatchBuffers:
@@ -146,11 +149,13 @@ def probe(path: str) -> VideoInfo:
         first, frame_pts, hidden, keyframe_pts = _scan(container, stream, codec)
         rotation = _quarter_turns(first.rotation) * 90
         coded_w, coded_h = first.width, first.height
+        planar = planar_format(first.format.name, first.colorspace, first.color_range, coded_w, coded_h,
+                               _quarter_turns(first.rotation))
     width, height = (coded_h, coded_w) if rotation % 180 else (coded_w, coded_h)
     pts_s = None if frame_pts is None else (frame_pts - frame_pts[0]).astype(np.float64) * float(time_base)
     container_frames = listed_frames - hidden if listed_frames else None
     return VideoInfo(width, height, fps, duration_s, codec, rotation, container_frames, pts_s, frame_pts, hidden,
-                     keyframe_pts)
+                     keyframe_pts, planar)
 
 
 def keyframe_indices(info: VideoInfo) -> np.ndarray | None:
@@ -175,6 +180,7 @@ def iter_batches(
     end_frame: int | None = None,
     device: torch.device | None = None,
     buffers: BatchBuffers | None = None,
+    planar: bool = False,
 ) -> Iterator[FrameBatch]:
     """Yields batches of the frames to detect on (index % frame_stride == 0, start_frame <= index < end_frame).
 
@@ -184,7 +190,8 @@ def iter_batches(
     `threads` is how many the decoder may use. A range that ends before the video does (a segment)
     is decoded with PyAV, unless `decoder="nvdec"`. `device`: the model's, where NVDEC leaves its frames
     (the batches are then on it too; decoded on the CPU for a GPU, they are pinned). `buffers`: where the
-    batches' memory comes from, to be handed back there once detected.
+    batches' memory comes from, to be handed back there once detected. `planar`: PyAV hands over the
+    stream's YUV planes where the model's device can convert them (`info.planar`; `colour`), not RGB.
     """
     progress = progress if progress is not None else DecodeProgress()
     buffers = buffers or BatchBuffers(keep=0)
@@ -193,30 +200,32 @@ def iter_batches(
     def wanted(index: int) -> bool:
         return index >= start_frame and index % frame_stride == 0
 
+    layout = None  # RGB, unless PyAV alone decodes a stream the device can convert
     if decoder == "nvdec":
         frames = _nvdec_then_pyav(path, info, wanted, start_frame, end_frame, progress, threads, device)
     elif decoder == "pyav" or not _decord_reads_right(info) or end_frame is not None:
-        frames = _counted(_pyav_frames(path, info, wanted, progress, threads, start_frame, end_frame), progress,
-                          "pyav")
+        layout = info.planar if planar else None
+        frames = _counted(_pyav_frames(path, info, wanted, progress, threads, start_frame, end_frame, layout),
+                          progress, "pyav")
     else:
         window = window_frames or max(16, min(256, DECORD_WINDOW_BYTES // (info.width * info.height * 3)))
         frames = _decord_then_pyav(path, info, wanted, start_frame, window, progress, threads)
+    shape = (batch_size, *layout.plane_shape) if layout else (batch_size, info.height, info.width, 3)
     batch: torch.Tensor | None = None
     indices: list[int] = []
     for index, frame in frames:
         if indices and batch.device != frame.device:  # NVDEC handed over to PyAV midway: a batch is on one device
-            yield _make_batch(batch, indices, info)
+            yield _make_batch(batch, indices, info, layout)
             batch, indices = None, []
         if batch is None:
-            batch = buffers.take((batch_size, info.height, info.width, 3), frame.device,
-                                 pinned and frame.device.type == "cpu")
+            batch = buffers.take(shape, frame.device, pinned and frame.device.type == "cpu")
         batch[len(indices)].copy_(frame)
         indices.append(index)
         if len(indices) == batch_size:
-            yield _make_batch(batch, indices, info)
+            yield _make_batch(batch, indices, info, layout)
             batch, indices = None, []
     if indices:
-        yield _make_batch(batch, indices, info)
+        yield _make_batch(batch, indices, info, layout)
 
 
 @dataclass
@@ -253,9 +262,9 @@ def detected_frames(info: VideoInfo, frame_count: int, frame_stride: int) -> tup
     return indices, timestamps_for(indices, info)
 
 
-def _make_batch(buffer: torch.Tensor, indices: list[int], info: VideoInfo) -> FrameBatch:
+def _make_batch(buffer: torch.Tensor, indices: list[int], info: VideoInfo, planar: Yuv420 | None) -> FrameBatch:
     idx = np.asarray(indices, dtype=np.int64)
-    return FrameBatch(idx, timestamps_for(idx, info), buffer[: len(indices)], buffer)
+    return FrameBatch(idx, timestamps_for(idx, info), buffer[: len(indices)], buffer, planar)
 
 
 # decord decodes ahead in a background thread with no bound (dmlc/decord#157): a reader held
@@ -439,9 +448,10 @@ def _decord_frames(
 
 def _pyav_frames(
     path: str, info: VideoInfo, wanted: Callable[[int], bool], progress: DecodeProgress, threads: int,
-    start: int = 0, end: int | None = None,
+    start: int = 0, end: int | None = None, planar: Yuv420 | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Frames in display order, each with its index among the shown frames, at the displayed size.
+    """Frames in display order, each with its index among the shown frames, at the displayed size
+    (with `planar`, as that layout's planes: the stream's own pixels, no conversion).
 
     Packets are decoded one by one so that a damaged one costs its own frames, not the rest of the
     video (as with ffmpeg); frames are numbered by their PTS among the stream's packets, so the
@@ -476,7 +486,8 @@ def _pyav_frames(
                     continue
                 if first_after_seek and index > start:  # the container seeked past `start` (inexact seeking)
                     container.close()
-                    yield from _pyav_frames(path, _without_keyframes(info), wanted, progress, threads, start, end)
+                    yield from _pyav_frames(path, _without_keyframes(info), wanted, progress, threads, start, end,
+                                            planar)
                     return
                 first_after_seek = False
                 if end is not None and index >= end:
@@ -485,6 +496,11 @@ def _pyav_frames(
                     continue  # decoded from the keyframe only to reach `start`
                 progress.frames_decoded += 1
                 if not wanted(index):
+                    continue
+                if planar is not None:  # the first frame's format and coded size (a no-op but for a size change)
+                    planes = to_rgb.reformat(frame, format=planar.pixel_format, width=planar.width, height=planar.height,
+                                             threads=1).to_ndarray()
+                    yield index, torch.from_numpy(planes)
                     continue
                 rgb = to_rgb.reformat(frame, format="rgb24", width=width, height=height, threads=1).to_ndarray()
                 yield index, torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)

@@ -70,7 +70,7 @@ class DecodeProcess:
 
     def batches(self, path: str, info: VideoInfo, *, batch_size: int, frame_stride: int = 1, start_frame: int = 0,
                 decoder: str = "pyav", progress: DecodeProgress | None = None, threads: int = 1,
-                end_frame: int | None = None) -> Iterator[FrameBatch]:
+                end_frame: int | None = None, planar: bool = False) -> Iterator[FrameBatch]:
         """`decode.iter_batches(...)` decoded in the child; `progress` is filled in once the video ends.
 
         Hand each batch back (`give_back`) once its frames are no longer read; a batch is never read
@@ -82,7 +82,7 @@ class DecodeProcess:
         self._task += 1
         task, ended = self._task, False
         options = {"batch_size": batch_size, "frame_stride": frame_stride, "start_frame": start_frame,
-                   "decoder": decoder, "threads": threads, "end_frame": end_frame}
+                   "decoder": decoder, "threads": threads, "end_frame": end_frame, "planar": planar}
         self._send(("decode", task, path, info, options))
         try:
             while True:
@@ -98,10 +98,10 @@ class DecodeProcess:
                     if kind == "batch":
                         self._send(("free", message[2]))
                 elif kind == "batch":
-                    _, _, slot, indices, timestamps = message
+                    _, _, slot, indices, timestamps, layout = message
                     self._held.add(slot)
                     buffer = self._slots[slot]
-                    yield FrameBatch(indices, timestamps, buffer[: len(indices)], buffer)
+                    yield FrameBatch(indices, timestamps, buffer[: len(indices)], buffer, layout)
                 else:
                     ended = True
                     if kind == "failed":
@@ -329,7 +329,7 @@ def _decode(buffers: _ChildBuffers, task: int, path: str, info: VideoInfo, optio
     try:
         for batch in iter_batches(path, info, progress=progress, buffers=buffers, **options):
             indices = np.ascontiguousarray(batch.frame_indices)
-            conn.send(("batch", task, buffers.number(batch.buffer), indices, batch.timestamps_s))
+            conn.send(("batch", task, buffers.number(batch.buffer), indices, batch.timestamps_s, batch.planar))
             buffers.handle_waiting_messages()
         conn.send(("end", task, progress))
     except _Stopped:

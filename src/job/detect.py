@@ -12,6 +12,7 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.detection.ssd import SSD
 
+from job.colour import Yuv420, planes_to_rgb
 from job.config import ModelConfig
 from job.detect_fast import (
     batches_the_transform,
@@ -171,7 +172,8 @@ class Detector:
     another anyway), and a batch holds the frames of one stream only, so its frames, and with them the
     kernels the device picks for its shape, never depend on which streams happened to be ready together.
     A plug-in module with `takes_uint8 = True` gets the frames as uint8 (3, H, W) and converts them itself
-    (on its accelerator).
+    (on its accelerator). Batches of YUV planes (`colour_on_device`) are converted to RGB on the model's
+    device first, or handed as they are to a plug-in's `detect_planes(planes, layout)`.
     """
 
     def __init__(self, model_cfg: ModelConfig, score_threshold: float, device: str = "auto") -> None:
@@ -188,6 +190,7 @@ class Detector:
         if self._fast_ssd:
             enable_fast_ssd(model)
         self._takes_uint8 = bool(getattr(model, "takes_uint8", False))
+        self._takes_planes = callable(getattr(model, "detect_planes", None))
         self._batched_transform = not self._takes_uint8 and batches_the_transform(model)
         if self._batched_transform:
             enable_batched_transform(model)
@@ -216,11 +219,12 @@ class Detector:
         return self.detect_batch(frames).frames()
 
     @torch.inference_mode()
-    def detect_batch(self, frames: torch.Tensor) -> BatchDetections:
-        """`__call__`'s detections, all frames' together: what the job commits."""
-        return _kept(self._detect_locked(*self._to_device(frames)), self.score_threshold)
+    def detect_batch(self, frames: torch.Tensor, planar: Yuv420 | None = None) -> BatchDetections:
+        """`__call__`'s detections, all frames' together: what the job commits. `planar`: `frames` are
+        YUV planes of that layout (`decode.FrameBatch.planar`), converted on the model's device."""
+        return _kept(self._detect_locked(*self._to_device(frames), planar), self.score_threshold)
 
-    def submit(self, frames: torch.Tensor) -> PendingDetections:
+    def submit(self, frames: torch.Tensor, planar: Yuv420 | None = None) -> PendingDetections:
         """Starts detecting `frames` (as `__call__` does) on the model's own thread and returns at once, so
         that the caller prepares its next batch, and keeps what it did with the last, while the model runs.
 
@@ -232,7 +236,8 @@ class Detector:
                 if self._model_loop is None:
                     self._model_loop = ThreadPoolExecutor(1, thread_name_prefix="model")
         frames, copied = self._to_device(frames)
-        return PendingDetections(self._model_loop.submit(self._detect_locked, frames, copied), self.score_threshold)
+        return PendingDetections(self._model_loop.submit(self._detect_locked, frames, copied, planar),
+                                 self.score_threshold)
 
     def close(self) -> None:
         """Stops the model's thread once the calls submitted have run."""
@@ -240,9 +245,10 @@ class Detector:
             self._model_loop.shutdown(wait=True)
 
     @torch.inference_mode()
-    def _detect_locked(self, frames: torch.Tensor, copied: torch.cuda.Event | None) -> _BatchOutputs:
+    def _detect_locked(self, frames: torch.Tensor, copied: torch.cuda.Event | None,
+                       planar: Yuv420 | None = None) -> _BatchOutputs:
         with self._one_call_at_a_time:
-            return self._detect(frames, copied)
+            return self._detect(frames, copied, planar)
 
     def _to_device(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A CPU batch bound for a GPU crosses on the copy stream (pinned: `BatchBuffers` pins what it hands
@@ -257,10 +263,17 @@ class Detector:
             copied.record(self._copy_stream)
         return on_device, copied
 
-    def _detect(self, frames: torch.Tensor, copied: torch.cuda.Event | None = None) -> _BatchOutputs:
+    def _detect(self, frames: torch.Tensor, copied: torch.cuda.Event | None = None,
+                planar: Yuv420 | None = None) -> _BatchOutputs:
         if copied is not None:  # the model's stream waits for the copy; the copy's memory is the model's now
             torch.cuda.current_stream(self.device).wait_event(copied)
             frames.record_stream(torch.cuda.current_stream(self.device))
+        if planar is not None and self._takes_planes:  # a plug-in converting on its own accelerator
+            with self._autocast:
+                outputs = self.model.detect_planes(frames, planar)
+            return _gather(outputs, *planar.displayed_size[::-1], None)
+        if planar is not None:
+            frames = planes_to_rgb(frames, planar)
         height, width = frames.shape[1:3]
         # uint8 -> float on the device, then resized and normalised into one batch tensor: SSD's
         # (prepare_batch) or torchvision's transform of the other presets (prepare_rcnn_batch).

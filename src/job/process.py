@@ -198,7 +198,8 @@ def _decoded(path: str, info: VideoInfo, settings: JobConfig, start: int, end: i
     whatever decodes them is stopped when `stack` closes."""
     keep = settings.prefetch_batches + 3  # once the read-ahead is full, every batch goes into one handed back
     options = {"batch_size": settings.batch_size, "frame_stride": settings.frame_stride, "start_frame": start,
-               "decoder": settings.decoder.value, "progress": progress, "threads": threads, "end_frame": end}
+               "decoder": settings.decoder.value, "progress": progress, "threads": threads, "end_frame": end,
+               "planar": settings.colour_on_device}
     if decodes_in_child_processes(settings):
         if child is None:
             child = stack.enter_context(DecodeProcess(keep, pin=detector.device.type == "cuda"))
@@ -217,12 +218,12 @@ def _detected(batches: Iterator[FrameBatch], detector: Detector,
     model's thread and the decoder would only take turns on the same cores."""
     if not ahead:
         for batch in batches:
-            yield batch, detector.detect_batch(batch.frames)
+            yield batch, detector.detect_batch(batch.frames, batch.planar)
         return
     in_model: deque[tuple[FrameBatch, PendingDetections]] = deque()
     try:
         for batch in batches:
-            in_model.append((batch, detector.submit(batch.frames)))
+            in_model.append((batch, detector.submit(batch.frames, batch.planar)))
             if len(in_model) > 1:
                 batch, pending = in_model.popleft()
                 yield batch, pending.result()

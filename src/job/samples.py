@@ -7,6 +7,8 @@ shape and the boxes move) without any download.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -14,6 +16,10 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+
+from job.colour import Yuv420, yuv_to_rgb
+
+STAND_IN_STEP = 16  # the stand-in accelerator looks at every 16th row and column
 
 
 def scene(index: int, width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -43,11 +49,13 @@ def write_video(
     audio: bool = False,
     subtitles: bool = False,
     options: dict[str, str] | None = None,
+    colour_tags: tuple[int, int] | None = None,
 ) -> Path:
     """Encode frames (or `frames` generated scenes of `size`=(width, height)) with PyAV.
 
     `pts_ms` gives each frame's presentation time in milliseconds (variable frame rate);
-    `rotation` sets the display matrix (degrees counterclockwise), as phones do.
+    `rotation` sets the display matrix (degrees counterclockwise), as phones do; `colour_tags`, the
+    stream's (colorspace, color_range) as FFmpeg numbers them (e.g. (1, 1): BT.709, limited range).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +65,8 @@ def write_video(
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if colour_tags is not None:
+            stream.codec_context.colorspace, stream.codec_context.color_range = colour_tags
         if pts_ms is not None:
             stream.time_base = Fraction(1, 1000)
             stream.codec_context.time_base = Fraction(1, 1000)
@@ -131,8 +141,8 @@ class StandInAccelerator(torch.nn.Module):
     each call takes `ms_per_frame` per frame, as a kernel queue would, finding the box around the bright
     pixels of every 16th row and column (so its answers follow the frames) and waiting out the rest of that
     time without using the CPU: what it computes is the device's work, not more host time on top. With
-    `calls_log`, each call appends "pid WxH frames end" to that file (which streams fed the model, in
-    order; `end`: the Unix time the call returned)."""
+    `calls_log`, each call appends "pid WxH frames end kind" to that file (which streams fed the model, in
+    order; `end`: the Unix time the call returned; `kind`: rgb, or planes for YUV planes)."""
 
     takes_uint8 = True  # conversion is the device's work (`detect.Detector`)
 
@@ -141,9 +151,6 @@ class StandInAccelerator(torch.nn.Module):
         self.ms_per_frame, self.level, self.calls_log = ms_per_frame, level, calls_log
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        import os
-        import time
-
         done_at = time.monotonic() + self.ms_per_frame * len(images) / 1000
         if not images:
             time.sleep(max(0.0, done_at - time.monotonic()))
@@ -151,22 +158,41 @@ class StandInAccelerator(torch.nn.Module):
         # One pass over the batch, as a device would run it, in a handful of numpy operations on every 16th
         # row and column: the host time this emulation spends (which a GPU would not take from the
         # decoders) stays a small part of a call (tests/test_gpu_node.py; benchmarks/gpu.md).
-        step = 16
-        over = torch.stack([image[:, ::step, ::step] for image in images]) > self.level  # (B, 3, h, w)
-        bright = (over[:, 0] & over[:, 1] & over[:, 2]).numpy()  # (B, h, w): every channel over the level
+        over = torch.stack([image[:, ::STAND_IN_STEP, ::STAND_IN_STEP] for image in images]) > self.level
+        height, width = images[0].shape[1:]
+        return self._answers(over[:, 0] & over[:, 1] & over[:, 2], done_at, f"{width}x{height} rgb")
+
+    def detect_planes(self, planes: torch.Tensor, layout: Yuv420) -> list[dict[str, torch.Tensor]]:
+        """The same answers from a batch of YUV planes (`colour_on_device`): only the sampled pixels are
+        converted, the device's work being free. Rotated streams are sampled on the coded frame's grid."""
+        done_at = time.monotonic() + self.ms_per_frame * len(planes) / 1000
+        batch, height, width = len(planes), layout.height, layout.width
+        flat = planes.reshape(batch, -1)
+        luma = flat[:, : height * width].reshape(batch, height, width)[:, ::STAND_IN_STEP, ::STAND_IN_STEP]
+        chroma = flat[:, height * width:].reshape(batch, 2, height // 2, width // 2)
+        chroma = chroma[:, :, :: STAND_IN_STEP // 2, :: STAND_IN_STEP // 2]
+        over = yuv_to_rgb(luma, chroma[:, 0], chroma[:, 1], layout) > self.level  # (B, h, w, 3)
+        shown_height, shown_width = layout.displayed_size
+        return self._answers(over[..., 0] & over[..., 1] & over[..., 2], done_at,
+                             f"{shown_width}x{shown_height} planes")
+
+    def _answers(self, bright: torch.Tensor, done_at: float, call: str) -> list[dict[str, torch.Tensor]]:
+        """The box around each frame's sampled pixels over the level in every channel (`bright`: (B, h, w)),
+        once the call's time is up."""
+        bright = bright.numpy()
         rows, cols = bright.any(axis=2), bright.any(axis=1)
         found = rows.any(axis=1).tolist()
         first_row, first_col = rows.argmax(axis=1), cols.argmax(axis=1)
         last_row = rows.shape[1] - 1 - rows[:, ::-1].argmax(axis=1)
         last_col = cols.shape[1] - 1 - cols[:, ::-1].argmax(axis=1)
-        boxes = torch.from_numpy((np.stack([first_col, first_row, last_col + 1, last_row + 1], axis=1) * step)
-                                 .astype(np.float32))
+        boxes = torch.from_numpy((np.stack([first_col, first_row, last_col + 1, last_row + 1], axis=1)
+                                  * STAND_IN_STEP).astype(np.float32))
         none = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
         score, label = torch.tensor([0.99]), torch.tensor([1])
         time.sleep(max(0.0, done_at - time.monotonic()))
         if self.calls_log:
             with open(self.calls_log, "a") as log:
-                log.write(f"{os.getpid()} {images[0].shape[2]}x{images[0].shape[1]} {len(images)} {time.time():.3f}\n")
+                log.write(f"{os.getpid()} {call.split()[0]} {len(found)} {time.time():.3f} {call.split()[1]}\n")
         return [{"boxes": boxes[i:i + 1], "scores": score, "labels": label} if hit else none
                 for i, hit in enumerate(found)]
 
