@@ -6,11 +6,13 @@
 Measures, each in this process (no Ray, no Hydra; the job's `Detector` and `iter_batches`):
   1. model only: frames/s of each detector at fp32, fp16 and bf16 and two or three batch sizes, on frames
      already in memory, and the share of fp32's detections that fp16 and bf16 keep (same class, IoU >= 0.9);
-  2. decoding only: PyAV frames/s at 1/4/8/16 threads and 1/4/8 streams at once (threads, one video each);
+  2. decoding only: PyAV frames/s at 1/4/8/16 threads and 1/4/8 streams at once (threads, one video each),
+     to RGB and to the YUV planes the job hands a GPU (`colour_on_device`);
      NVDEC's (where PyNvVideoCodec is installed) at 1/4/8 streams, and whether its frame indices and
      timestamps are PyAV's;
   3. the job's path end to end (decode -> detect -> commit with `process.process_task`, where polars is
-     installed), with PyAV and with NVDEC, against the model-only ceiling, with the share of the time the
+     installed), with PyAV (planes converted on the device, and RGB from the decoder) and with NVDEC,
+     against the model-only ceiling, with the share of the time the
      device was busy; and with 1/4/8 streams feeding one model, decoding in child processes or in threads.
 Wheels the machine lacks (PyAV, polars, PyNvVideoCodec) can be installed from a folder first: --wheels DIR.
 Weights: seeded detectors calibrated on the frames (offline); speed does not depend on the values.
@@ -127,10 +129,12 @@ def streams_rate(video: Path, streams: int, **decoding) -> float:
 
 
 def decoding(args, video: Path) -> list[str]:
-    lines = ["| streams | threads each | frames/s |", "| --- | --- | --- |"]
+    """PyAV's frames/s to RGB, and to the YUV planes the job hands a GPU (`colour_on_device`)."""
+    lines = ["| streams | threads each | frames/s to RGB | frames/s to YUV planes |", "| --- | --- | --- | --- |"]
     for streams in args.streams:
         for threads in args.threads:
-            lines.append(f"| {streams} | {threads} | {streams_rate(video, streams, threads=threads):.1f} |")
+            lines.append(f"| {streams} | {threads} | {streams_rate(video, streams, threads=threads):.1f} | "
+                         f"{streams_rate(video, streams, threads=threads, planar=True):.1f} |")
             print(lines[-1], flush=True)
     return lines
 
@@ -213,16 +217,20 @@ def end_to_end(args, video: Path, weights_dir: Path, out: Path) -> list[str]:
     detector.model.forward = measured
     (video_entry,) = discover_videos(str(video))
     lines = ["| model | decoder | frames | frames/s end to end | device busy |", "| --- | --- | --- | --- | --- |"]
-    decoders = [Decoder.pyav] + ([Decoder.nvdec] if nvdec_installed() and detector.device.type == "cuda" else [])
-    for decoder in decoders:
-        settings = for_device(JobConfig(video_dir=str(video.parent), output_dir=str(out / decoder.value),
-                                        decoder=decoder), detector.device.type)
+    # PyAV handing over YUV planes converted on the device (a GPU's default), PyAV converting to RGB, NVDEC.
+    variants = [("pyav, planes converted on the device", {"colour_on_device": True}),
+                ("pyav, RGB from the decoder", {"colour_on_device": False})]
+    if nvdec_installed() and detector.device.type == "cuda":
+        variants.append(("nvdec", {"decoder": Decoder.nvdec}))
+    for label, overrides in variants:
+        settings = for_device(JobConfig(video_dir=str(video.parent), output_dir=str(out / f"e2e-{len(lines)}"),
+                                        **overrides), detector.device.type)
         busy[0] = 0.0
         started = time.perf_counter()
         status = process_task(Task(video_entry), settings, OutputDir(settings.output_dir), detector,
                               decode_threads=args.threads[-1])
         seconds = time.perf_counter() - started
-        lines.append(f"| {name} | {decoder.value} | {status.frames_processed} | "
+        lines.append(f"| {name} | {label} | {status.frames_processed} | "
                      f"{status.frames_processed / seconds:.1f} | {100 * busy[0] / seconds:.0f}% |")
         print(lines[-1], flush=True)
     return lines

@@ -104,3 +104,11 @@ def test_every_awkward_video_converts_as_swscale_or_comes_as_rgb(tmp_path):
         assert (frames.int() - rgb.int()).abs().max() <= LEVELS_FROM_SWSCALE, name
         converted += info.planar is not None
     assert converted >= 8
+
+
+@pytest.mark.cuda
+def test_a_gpu_converts_as_the_cpu_does():
+    layout = Yuv420("yuv420p", 64, 32, "bt709", False, quarter_turns=1)
+    planes = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
+    on_gpu = planes_to_rgb(planes.cuda(), layout).cpu()
+    assert (on_gpu.int() - planes_to_rgb(planes, layout).int()).abs().max() <= 1  # fused multiply-adds may round

@@ -93,6 +93,8 @@ def test_null_batch_size_and_prefetch_are_resolved_once_for_the_device():
     cpu, gpu = for_device(cfg, "cpu"), for_device(cfg, "cuda")
     assert (cpu.batch_size, cpu.prefetch_batches) == (4, 0)
     assert (gpu.batch_size, gpu.prefetch_batches) == (16, 2)
-    explicit = for_device(compose_config([*REQUIRED, "batch_size=7", "prefetch_batches=3"]), "cuda")
-    assert (explicit.batch_size, explicit.prefetch_batches) == (7, 3)
+    assert (cpu.colour_on_device, gpu.colour_on_device) == (False, True)  # swscale on a CPU, the device on a GPU
+    explicit = for_device(compose_config([*REQUIRED, "batch_size=7", "prefetch_batches=3", "colour_on_device=false"]),
+                          "cuda")
+    assert (explicit.batch_size, explicit.prefetch_batches, explicit.colour_on_device) == (7, 3, False)
     assert cfg.batch_size is None, "resolving returns a copy"
