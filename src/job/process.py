@@ -2,10 +2,11 @@
 
 On a GPU, decoding runs ahead, so the GPU never waits on the decoder, with memory bounded by
 `prefetch_batches` batches whatever the video's length: in a child process per stream (`decode_process`; the
-default), or with `decode_processes=false` or NVDEC in a background thread (`prefetch`); and each batch goes into
-the model (`Detector.submit`) before the one before it is committed. On CPU each actor has one CPU by
-default and the model one thread, so batches are decoded inline, between model calls (a decode thread
-beside torch's stalled its thread pool at every barrier: benchmarks/throughput.md).
+default), or with `decode_processes=false` or NVDEC in a background thread (`prefetch`), as the stream's own
+YUV planes that the GPU converts (`colour_on_device`); and each batch goes into the model (`Detector.submit`)
+before the one before it is committed. On CPU each actor has one CPU by default and the model one thread,
+so batches are decoded inline, between model calls (a decode thread beside torch's stalled its thread pool
+at every barrier: benchmarks/throughput.md).
 """
 
 from __future__ import annotations
