@@ -61,12 +61,17 @@ def planar_format(pixel_format: str, colorspace: int, color_range: int, width: i
 
 def planes_to_rgb(planes: torch.Tensor, layout: Yuv420) -> torch.Tensor:
     """uint8 I420 planes (B, H * 3 / 2, W), on any device -> uint8 RGB (B, H, W, 3), displayed orientation."""
-    batch, height, width = planes.shape[0], layout.height, layout.width
-    flat = planes.reshape(batch, -1)
-    luma = flat[:, : height * width].reshape(batch, height, width)
-    chroma = flat[:, height * width:].reshape(batch, 2, height // 2, width // 2)
+    luma, chroma = split_planes(planes, layout)
     chroma = chroma.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     return yuv_to_rgb(luma, chroma[:, 0], chroma[:, 1], layout)
+
+
+def split_planes(planes: torch.Tensor, layout: Yuv420) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of a batch's Y planes (B, H, W) and U and V planes (B, 2, H / 2, W / 2)."""
+    batch, height, width = planes.shape[0], layout.height, layout.width
+    flat = planes.reshape(batch, -1)
+    return (flat[:, : height * width].reshape(batch, height, width),
+            flat[:, height * width:].reshape(batch, 2, height // 2, width // 2))
 
 
 def yuv_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, layout: Yuv420) -> torch.Tensor:

@@ -17,7 +17,7 @@ import av
 import numpy as np
 import torch
 
-from job.colour import Yuv420, yuv_to_rgb
+from job.colour import Yuv420, split_planes, yuv_to_rgb
 
 STAND_IN_STEP = 16  # the stand-in accelerator looks at every 16th row and column
 
@@ -166,10 +166,8 @@ class StandInAccelerator(torch.nn.Module):
         """The same answers from a batch of YUV planes (`colour_on_device`): only the sampled pixels are
         converted, the device's work being free. Rotated streams are sampled on the coded frame's grid."""
         done_at = time.monotonic() + self.ms_per_frame * len(planes) / 1000
-        batch, height, width = len(planes), layout.height, layout.width
-        flat = planes.reshape(batch, -1)
-        luma = flat[:, : height * width].reshape(batch, height, width)[:, ::STAND_IN_STEP, ::STAND_IN_STEP]
-        chroma = flat[:, height * width:].reshape(batch, 2, height // 2, width // 2)
+        luma, chroma = split_planes(planes, layout)
+        luma = luma[:, ::STAND_IN_STEP, ::STAND_IN_STEP]
         chroma = chroma[:, :, :: STAND_IN_STEP // 2, :: STAND_IN_STEP // 2]
         over = yuv_to_rgb(luma, chroma[:, 0], chroma[:, 1], layout) > self.level  # (B, h, w, 3)
         shown_height, shown_width = layout.displayed_size
